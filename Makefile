@@ -1,0 +1,44 @@
+# One way to set up, run, lint, test and benchmark unblock. The README and CI call these.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Tests use this server when reachable, else an embedded PostgreSQL (pgserver).
+export UNBLOCK_TEST_DATABASE_URL ?=
+
+.PHONY: install dev test lint fmt typecheck check bench openapi clean
+
+$(BIN)/unblock: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/unblock
+
+dev: install  ## embedded Postgres + sandbox + service + demo data
+	$(BIN)/unblock dev
+
+test: install  ## the whole suite, in parallel
+	$(BIN)/python -m pytest -n auto -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: install  ## prints ratios against a baseline measured in the same run
+	$(BIN)/python -m bench
+
+openapi: install  ## refresh the committed OpenAPI document
+	$(BIN)/unblock openapi > openapi/openapi.json
+
+clean:
+	rm -rf $(VENV) .unblock .pytest_cache .ruff_cache .mypy_cache

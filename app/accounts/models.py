@@ -1,0 +1,29 @@
+"""The accounts table: one per customer of unblock, each with its own Mosaic organization."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import DateTime, String, Text, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.database import Base
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    # Fernet token of the Mosaic API key; never returned, never logged.
+    mosaic_api_key_encrypted: Mapped[str] = mapped_column(Text)
+    # SHA-256 of the webhook secret Mosaic sends in X-Mosaic-Signature.
+    webhook_secret_hash: Mapped[str] = mapped_column(String(64))
+    # When someone last answered the auto top-up question for this account's organization:
+    # runs blocked before that moment skip the question (one decision serves the organization).
+    topup_answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

@@ -1,0 +1,41 @@
+"""HTTP for accounts."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+
+from app.accounts import service
+from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut
+from app.auth import Principal, Scope, authenticate, requires
+from app.errors import NotFound
+from app.runtime import Runtime, runtime
+
+router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=AccountCreated)
+async def create_account(
+    body: AccountCreate,
+    _: Annotated[Principal, Depends(requires(Scope.ACCOUNTS_ADMIN))],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> AccountCreated:
+    """Create an account; point the organization's Mosaic runs at the returned webhook_url."""
+    async with rt.db.transaction() as session:
+        return await service.create(session, rt.keyring, body, rt.settings.public_url)
+
+
+@router.get("/{account_id}", response_model=AccountOut)
+async def read_account(
+    account_id: uuid.UUID,
+    principal: Annotated[Principal, Depends(authenticate)],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> AccountOut:
+    """An admin may read any account; any other token only its own (others look unknown)."""
+    if not principal.has(Scope.ACCOUNTS_ADMIN) and principal.account_id != account_id:
+        raise NotFound("No such account.", code="account_not_found")
+    async with rt.db.sessions() as session:
+        account = await service.get(session, account_id)
+        return service.to_out(account, rt.settings.public_url)

@@ -1,0 +1,41 @@
+"""Accounts over HTTP: what comes in, and what goes out (never the Mosaic key)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class AccountCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    mosaic_api_key: SecretStr = Field(description="The organization's Mosaic key (mk_…).")
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The secret Mosaic sends in X-Mosaic-Signature; generated when omitted.",
+    )
+
+    @field_validator("mosaic_api_key", "webhook_secret")
+    @classmethod
+    def _no_blank_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value()
+            if not raw.strip() or raw != raw.strip() or len(raw) > 500:
+                raise ValueError("must be a non-empty string without surrounding spaces")
+        return value
+
+
+class AccountOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    webhook_url: str
+    created_at: datetime
+
+
+class AccountCreated(AccountOut):
+    webhook_secret: str | None = Field(
+        default=None, description="Only when generated, and only in this answer."
+    )

@@ -1,0 +1,49 @@
+"""Creating and reading accounts."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.accounts.models import Account
+from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut
+from app.accounts.secrets import Keyring, generate_webhook_secret, hash_webhook_secret
+from app.errors import NotFound
+
+
+def webhook_url(public_url: str, account_id: uuid.UUID) -> str:
+    return f"{public_url}/v1/webhooks/mosaic/{account_id}"
+
+
+def to_out(account: Account, public_url: str) -> AccountOut:
+    return AccountOut(
+        id=account.id,
+        name=account.name,
+        webhook_url=webhook_url(public_url, account.id),
+        created_at=account.created_at,
+    )
+
+
+async def create(
+    session: AsyncSession, keyring: Keyring, body: AccountCreate, public_url: str
+) -> AccountCreated:
+    """Store the account with its Mosaic key encrypted; a generated secret is shown once."""
+    generated = None if body.webhook_secret else generate_webhook_secret()
+    secret = generated or body.webhook_secret.get_secret_value()  # type: ignore[union-attr]
+    account = Account(
+        name=body.name,
+        mosaic_api_key_encrypted=keyring.encrypt(body.mosaic_api_key.get_secret_value()),
+        webhook_secret_hash=hash_webhook_secret(secret),
+    )
+    session.add(account)
+    await session.flush()
+    await session.refresh(account)
+    return AccountCreated(**to_out(account, public_url).model_dump(), webhook_secret=generated)
+
+
+async def get(session: AsyncSession, account_id: uuid.UUID) -> Account:
+    account = await session.get(Account, account_id)
+    if account is None:
+        raise NotFound("No such account.", code="account_not_found")
+    return account

@@ -1,0 +1,188 @@
+"""HTTP for blocked runs: reads, registration, a person's actions, and a live event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.auth import Principal, Scope, account_of, requires
+from app.blocked_runs import repository, service
+from app.blocked_runs.schemas import (
+    BlockedRunOut,
+    BlockedRunPage,
+    ChoosePlan,
+    RegisterRun,
+    TopupAnswer,
+)
+from app.blocked_runs.state_machine import TERMINAL_STATES
+from app.notifications import RUN_EVENTS_CHANNEL
+from app.runtime import Runtime, runtime
+from app.worker import attempt_now
+
+router = APIRouter(prefix="/v1/blocked-runs", tags=["blocked runs"])
+
+Reader = Annotated[Principal, Depends(requires(Scope.RUNS_READ))]
+Writer = Annotated[Principal, Depends(requires(Scope.RUNS_WRITE))]
+Registrar = Annotated[Principal, Depends(requires(Scope.RUNS_REGISTER))]
+RT = Annotated[Runtime, Depends(runtime)]
+
+ACTION_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "Done at once; the run as it is now."},
+    202: {"description": "Recorded; a Mosaic call is still under way (`pending: true`)."},
+    409: {"description": "Not allowed in the run's current state (problem names it)."},
+    404: {"description": "Unknown id, or another account's."},
+    422: {"description": "Bad input (e.g. a plan that was not offered)."},
+}
+
+
+async def _answer(rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID) -> JSONResponse:
+    run, _ = await service.read(rt, account_id, blocked_run_id)
+    code = status.HTTP_202_ACCEPTED if run.pending else status.HTTP_200_OK
+    return JSONResponse(BlockedRunOut.of(run).model_dump(mode="json"), status_code=code)
+
+
+async def _act_now(
+    rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID, job_id: int
+) -> JSONResponse:
+    await attempt_now(rt, job_id, blocked_run_id)
+    return await _answer(rt, account_id, blocked_run_id)
+
+
+@router.post(
+    "",
+    response_model=BlockedRunOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "The run already has an open blocked run; that one."}},
+)
+async def register_run(body: RegisterRun, principal: Registrar, rt: RT) -> JSONResponse:
+    """An internal service reports a credit-blocked Mosaic run."""
+    account_id = account_of(principal)
+    run, created = await service.register(
+        rt, account_id, body.run_id, body.agent_id, f"service:{principal.sub}"
+    )
+    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return JSONResponse(BlockedRunOut.of(run).model_dump(mode="json"), status_code=code)
+
+
+@router.get("", response_model=BlockedRunPage)
+async def list_runs(
+    principal: Reader,
+    rt: RT,
+    state: Annotated[str | None, Query(description="Comma-separated states.")] = None,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> BlockedRunPage:
+    """The caller's blocked runs, newest first."""
+    account_id = account_of(principal)
+    states = service.states_filter(state)
+    async with rt.db.sessions() as session:
+        rows, next_cursor = await repository.page(
+            session, account_id, states=states, run_id=run_id, limit=limit, cursor=cursor
+        )
+    return BlockedRunPage(items=[BlockedRunOut.of(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{blocked_run_id}", response_model=BlockedRunOut)
+async def read_run(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> BlockedRunOut:
+    """One blocked run with its history of state changes."""
+    run, history = await service.read(rt, account_of(principal), blocked_run_id)
+    return BlockedRunOut.of(run, history)
+
+
+@router.post(
+    "/{blocked_run_id}/choose-plan", response_model=BlockedRunOut, responses=ACTION_RESPONSES
+)
+async def choose_plan(
+    blocked_run_id: uuid.UUID, body: ChoosePlan, principal: Writer, rt: RT
+) -> JSONResponse:
+    """Upgrade the organization to one of the offered plans."""
+    account_id = account_of(principal)
+    job_id = await service.choose_plan(
+        rt, account_id, blocked_run_id, body.plan_id, principal.actor
+    )
+    return await _act_now(rt, account_id, blocked_run_id, job_id)
+
+
+@router.post(
+    "/{blocked_run_id}/confirm-checkout", response_model=BlockedRunOut, responses=ACTION_RESPONSES
+)
+async def confirm_checkout(blocked_run_id: uuid.UUID, principal: Writer, rt: RT) -> JSONResponse:
+    """Checkout is done: re-read the plan in Mosaic."""
+    account_id = account_of(principal)
+    job_id = await service.confirm_checkout(rt, account_id, blocked_run_id, principal.actor)
+    return await _act_now(rt, account_id, blocked_run_id, job_id)
+
+
+@router.post("/{blocked_run_id}/topup", response_model=BlockedRunOut, responses=ACTION_RESPONSES)
+async def answer_topup(
+    blocked_run_id: uuid.UUID, body: TopupAnswer, principal: Writer, rt: RT
+) -> JSONResponse:
+    """Enable auto top-up (threshold, quantity) or decline; then the run resumes."""
+    account_id = account_of(principal)
+    job_id = await service.answer_topup(
+        rt,
+        account_id,
+        blocked_run_id,
+        principal.actor,
+        enable=body.enable,
+        threshold=body.threshold,
+        quantity=body.quantity,
+    )
+    return await _act_now(rt, account_id, blocked_run_id, job_id)
+
+
+@router.post("/{blocked_run_id}/cancel", response_model=BlockedRunOut, responses=ACTION_RESPONSES)
+async def cancel(blocked_run_id: uuid.UUID, principal: Writer, rt: RT) -> JSONResponse:
+    """Stop handling this blocked run."""
+    account_id = account_of(principal)
+    await service.cancel(rt, account_id, blocked_run_id, principal.actor)
+    return await _answer(rt, account_id, blocked_run_id)
+
+
+@router.post("/{blocked_run_id}/retry", response_model=BlockedRunOut, responses=ACTION_RESPONSES)
+async def retry(blocked_run_id: uuid.UUID, principal: Writer, rt: RT) -> JSONResponse:
+    """Start a failed run over from reading the plan."""
+    account_id = account_of(principal)
+    job_id = await service.retry(rt, account_id, blocked_run_id, principal.actor)
+    return await _act_now(rt, account_id, blocked_run_id, job_id)
+
+
+@router.get(
+    "/{blocked_run_id}/events",
+    response_class=Response,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "State changes."}},
+)
+async def events(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> EventSourceResponse:
+    """A `state` event with the run now and after every change; ends once the run is terminal."""
+    account_id = account_of(principal)
+    await service.read(rt, account_id, blocked_run_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        async with rt.listener.subscribe(RUN_EVENTS_CHANNEL) as changes:
+            last: tuple[int, bool] | None = None
+            while True:
+                run, _ = await service.read(rt, account_id, blocked_run_id)
+                if (run.version, run.pending) != last:
+                    last = (run.version, run.pending)
+                    body = BlockedRunOut.of(run).model_dump_json()
+                    yield ServerSentEvent(data=body, event="state", id=str(run.version))
+                if run.state in TERMINAL_STATES and not run.pending:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    # The timeout re-reads now and then, in case a notification was missed.
+                    await asyncio.wait_for(_change_of(changes, str(blocked_run_id)), 15)
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+async def _change_of(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
+    while (await changes.get()) not in (blocked_run_id, ""):
+        pass

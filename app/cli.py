@@ -1,0 +1,207 @@
+"""The `unblock` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from app.settings import get_settings
+
+cli = typer.Typer(
+    help="unblock: gets credit-blocked Mosaic agent runs moving again.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+accounts_cli = typer.Typer(help="Manage accounts.", no_args_is_help=True)
+cli.add_typer(accounts_cli, name="accounts")
+
+Host = Annotated[str, typer.Option(help="Interface to bind.")]
+Port = Annotated[int, typer.Option(help="Port to bind.")]
+
+
+def _logging() -> None:
+    level = os.environ.get("UNBLOCK_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Request URLs to Mosaic are harmless, but keep httpx quiet: headers carry API keys.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@cli.command()
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="Run the worker too.")
+    ] = True,
+) -> None:
+    """Run the HTTP API (and, by default, the worker) in one process."""
+    from app.main import create_app
+
+    _logging()
+    app = create_app(get_settings(), run_worker=worker)
+    uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=True)
+
+
+@cli.command("worker")
+def run_worker() -> None:
+    """Run only the worker (for a deployment that scales it apart from the API)."""
+    from app.runtime import Runtime
+    from app.worker import Worker
+
+    _logging()
+
+    async def main() -> None:
+        rt = await Runtime.start(get_settings())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await Worker(rt).run(stop)
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@cli.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION.")] = False,
+) -> None:
+    """Bring the database schema to a revision (default: the newest)."""
+    from app import migrations
+    from app.database import resolve_database_url
+
+    _logging()
+    url = resolve_database_url(get_settings())
+    if down:
+        migrations.downgrade(url, revision)
+    else:
+        migrations.upgrade(url, revision)
+    typer.echo(f"database at {'down to ' if down else ''}{revision}")
+
+
+@cli.command()
+def sandbox(
+    host: Host = "127.0.0.1",
+    port: Port = 8100,
+    seed: Annotated[int, typer.Option(help="Seed for ids and fault rates.")] = 0,
+    step_delay: Annotated[float, typer.Option(help="Seconds between run nodes.")] = 0.2,
+) -> None:
+    """Run the local Mosaic sandbox (a separate package; the service never imports it)."""
+    # A child process keeps the sandbox out of the service's import graph.
+    args = [
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--seed",
+        str(seed),
+        "--step-delay",
+        str(step_delay),
+    ]
+    os.execvp(sys.executable, [sys.executable, "-m", "mosaic_sandbox", *args])
+
+
+@cli.command()
+def dev(
+    port: Port = 8000,
+    sandbox_port: Annotated[int, typer.Option(help="Port of the Mosaic sandbox.")] = 8100,
+    runs: Annotated[int, typer.Option(help="Blocked runs to make for the demo.")] = 3,
+) -> None:
+    """Embedded Postgres, the sandbox, the service and a demo account with blocked runs."""
+    from app.dev import run_dev
+
+    _logging()
+    asyncio.run(run_dev(port=port, sandbox_port=sandbox_port, runs=runs))
+
+
+@cli.command()
+def token(
+    sub: Annotated[str, typer.Option(help="Subject (who acts).")] = "dev-user",
+    account_id: Annotated[str | None, typer.Option(help="The account the token acts for.")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="Scope; repeat for several. Default: runs:read runs:write."),
+    ] = None,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Mint an HS256 token with UNBLOCK_JWT_SECRET, for local use."""
+    from app.auth import mint_token
+
+    settings = get_settings()
+    if settings.jwt_secret is None:
+        raise typer.BadParameter("UNBLOCK_JWT_SECRET is not set")
+    if account_id is not None:
+        uuid.UUID(account_id)
+    scopes = scope or ["runs:read", "runs:write"]
+    typer.echo(
+        mint_token(
+            settings.jwt_secret.get_secret_value(),
+            sub=sub,
+            scopes=scopes,
+            account_id=account_id,
+            ttl_seconds=ttl,
+        )
+    )
+
+
+@accounts_cli.command("create")
+def create_account(
+    name: Annotated[str, typer.Option(help="Account name.")],
+    mosaic_api_key: Annotated[
+        str, typer.Option(envvar="MOSAIC_API_KEY", help="The organization's Mosaic key (mk_…).")
+    ],
+    webhook_secret: Annotated[
+        str | None, typer.Option(help="X-Mosaic-Signature secret; generated when omitted.")
+    ] = None,
+) -> None:
+    """Create an account directly in the database; prints it as JSON (the secret only once)."""
+    from pydantic import SecretStr
+
+    from app.accounts import service
+    from app.accounts.schemas import AccountCreate
+    from app.accounts.secrets import Keyring
+    from app.database import Database, resolve_database_url
+
+    settings = get_settings()
+    body = AccountCreate(
+        name=name,
+        mosaic_api_key=SecretStr(mosaic_api_key),
+        webhook_secret=SecretStr(webhook_secret) if webhook_secret else None,
+    )
+
+    async def main() -> str:
+        db = Database(resolve_database_url(settings))
+        try:
+            async with db.transaction() as session:
+                created = await service.create(
+                    session, Keyring(settings.encryption_keys), body, settings.public_url
+                )
+        finally:
+            await db.dispose()
+        return created.model_dump_json(indent=2, exclude_none=True)
+
+    typer.echo(asyncio.run(main()))
+
+
+@cli.command()
+def openapi() -> None:
+    """Print the OpenAPI document (committed as openapi/openapi.json)."""
+    from app.main import openapi_document
+
+    typer.echo(json.dumps(openapi_document(), indent=2, sort_keys=True))
+
+
+def main() -> None:
+    cli()

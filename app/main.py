@@ -1,0 +1,95 @@
+"""The FastAPI application: routers, error rendering, health, metrics, and the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from app.accounts.router import router as accounts_router
+from app.auth import TokenVerifier
+from app.blocked_runs.router import router as blocked_runs_router
+from app.errors import install_error_handlers
+from app.runtime import Runtime
+from app.settings import Settings, get_settings
+from app.webhooks.router import router as webhooks_router
+from app.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    database_url: str | None = None,
+    run_worker: bool | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+    with_worker = settings.run_worker if run_worker is None else run_worker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = await Runtime.start(settings, database_url)
+        app.state.runtime = rt
+        stop = asyncio.Event()
+        worker_task = None
+        if with_worker:
+            worker_task = asyncio.create_task(Worker(rt).run(stop), name="worker")
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker_task is not None:
+                await worker_task
+            await rt.close()
+
+    app = FastAPI(
+        title="unblock",
+        version="0.1.0",
+        summary="Gets credit-blocked Mosaic agent runs moving again.",
+        lifespan=lifespan,
+    )
+    app.state.token_verifier = TokenVerifier(settings)
+    install_error_handlers(app)
+    app.include_router(accounts_router)
+    app.include_router(webhooks_router)
+    app.include_router(blocked_runs_router)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Readiness: the database answers."""
+        try:
+            async with app.state.runtime.db.sessions() as session:
+                await asyncio.wait_for(session.execute(text("SELECT 1")), 2)
+        except Exception as exc:
+            log.warning("not ready: %s", exc)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def openapi_document() -> dict[str, object]:
+    """The API description, built without starting anything (committed as openapi/openapi.json)."""
+    from app.settings import DEV_ENCRYPTION_KEY, DEV_JWT_SECRET, Environment
+
+    settings = Settings(
+        env=Environment.DEV, jwt_secret=DEV_JWT_SECRET, encryption_key=DEV_ENCRYPTION_KEY
+    )  # type: ignore[arg-type]
+    return create_app(settings).openapi()

@@ -1,0 +1,331 @@
+"""The Mosaic API client: one shared httpx.AsyncClient, typed and tolerant models.
+
+The public docs disagree with themselves in places (mosaic-api.md §9); every model here accepts
+each documented reading and ignores fields it does not know.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from app import metrics
+from app.settings import Settings
+
+# Plans whose organizations may enable auto top-up (newest wording of POST /credits/settings).
+TOPUP_ELIGIBLE_PLANS = frozenset(
+    {"creator", "creator_annual", "professional", "professional_annual"}
+)
+_FREE_PLAN_IDS = frozenset({"", "free", "none"})
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class MosaicModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Plan(MosaicModel):
+    id: str | None = None
+    family: str | None = None
+    status: str | None = None
+    current_period_end: str | None = None
+
+
+class PlanState(MosaicModel):
+    organization_id: str | None = None
+    plan: Plan | None = None
+    scheduled_plan: Plan | None = None
+
+    @property
+    def is_paid(self) -> bool:
+        """Free ⇔ no plan, an inactive plan, or an id that names no paid plan (mosaic-api.md §2)."""
+        plan = self.plan
+        if plan is None or not plan.id or plan.id.lower() in _FREE_PLAN_IDS:
+            return False
+        return plan.status is None or plan.status.lower() in {"active", "trialing"}
+
+
+class PlanOffer(MosaicModel):
+    id: str
+    billing: str | None = None
+    price_usd: float | None = None
+    credits_per_month: float | None = None
+    top_up_rate_per_100_credits_usd: float | None = None
+    notes: str | None = None
+
+
+class _LegacyPlanGroup(MosaicModel):
+    """The older GET /plan/list entry: one per family, prices per billing period."""
+
+    id: str
+    aliases: list[str] = Field(default_factory=list)
+    monthly_price_usd: float | None = None
+    annual_price_usd: float | None = None
+    credits_per_month: float | None = None
+    top_up_rate_per_100_credits_usd: float | None = None
+    notes: str | None = None
+
+    def offers(self) -> list[PlanOffer]:
+        # A family without prices (enterprise) cannot be bought through the API.
+        common = {
+            "credits_per_month": self.credits_per_month,
+            "top_up_rate_per_100_credits_usd": self.top_up_rate_per_100_credits_usd,
+            "notes": self.notes,
+        }
+        offers = []
+        if self.monthly_price_usd is not None:
+            offers.append(
+                PlanOffer(id=self.id, billing="monthly", price_usd=self.monthly_price_usd, **common)
+            )
+        annual_id = f"{self.id}_annual"
+        if self.annual_price_usd is not None and annual_id in self.aliases:
+            offers.append(
+                PlanOffer(id=annual_id, billing="annual", price_usd=self.annual_price_usd, **common)
+            )
+        return offers
+
+
+def parse_plan_list(body: Any) -> list[PlanOffer]:
+    items = body.get("plans", []) if isinstance(body, dict) else body
+    offers: list[PlanOffer] = []
+    for item in items or []:
+        if not isinstance(item, dict) or not item.get("id"):
+            continue
+        if "price_usd" not in item and ("monthly_price_usd" in item or "aliases" in item):
+            offers.extend(_LegacyPlanGroup.model_validate(item).offers())
+        else:
+            offers.append(PlanOffer.model_validate(item))
+    return offers
+
+
+class UpgradeResult(MosaicModel):
+    success: bool | None = None
+    requires_checkout: bool = False
+    plan_id: str | None = None
+    plan_family: str | None = None
+    checkout_url: str | None = None
+
+
+class AutoTopup(MosaicModel):
+    eligible: bool | None = None
+    enabled: bool = False
+    threshold: float = 0
+    quantity: float = 0
+
+
+class Credits(MosaicModel):
+    organization_id: str | None = None
+    balance: float | None = None
+    plan: str | None = None
+    plan_id: str | None = None
+    auto_topup: AutoTopup | None = None
+
+
+def parse_credits(body: dict[str, Any]) -> Credits:
+    credits = Credits.model_validate(body)
+    nested = body.get("credits")
+    # The older shape nests the balance: read `balance ?? credits.balance`.
+    if credits.balance is None and isinstance(nested, dict):
+        credits.balance = nested.get("balance")
+    return credits
+
+
+def _flagged(obj: dict[str, Any]) -> bool:
+    return bool(obj.get("needs_credits") or obj.get("needsCredits"))
+
+
+class AgentRun(MosaicModel):
+    agent_id: str | None = None
+    status: str | None = None
+    status_message: str | None = None
+    needs_credits: bool = Field(
+        default=False, validation_alias=AliasChoices("needs_credits", "needsCredits")
+    )
+
+
+class RunNode(MosaicModel):
+    agent_node_id: str | None = None
+    status: str | None = None
+    status_message: str | None = None
+    needs_credits: bool = Field(
+        default=False, validation_alias=AliasChoices("needs_credits", "needsCredits")
+    )
+
+
+def needs_credits(payload: dict[str, Any]) -> bool:
+    """Either spelling, on the run or on any node/error entry, marks a run credit-blocked."""
+    if _flagged(payload):
+        return True
+    for key in ("nodes", "updated_nodes"):
+        for node in payload.get(key) or []:
+            if isinstance(node, dict) and _flagged(node):
+                return True
+    return False
+
+
+class MosaicError(Exception):
+    """A Mosaic call that did not succeed. status None means no HTTP answer at all."""
+
+    def __init__(
+        self, status: int | None, detail: str, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"Mosaic answered {status}: {detail}" if status else detail)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status in {408, 425, 429} or self.status >= 500
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        if when is None:
+            return None
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:500]
+    return str(body)[:500]
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process-wide client: explicit timeouts, a bounded pool, no redirects followed."""
+    timeout = httpx.Timeout(
+        settings.mosaic_timeout.total_seconds(),
+        connect=settings.mosaic_connect_timeout.total_seconds(),
+    )
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        headers={"User-Agent": "unblock/0.1"},
+    )
+
+
+class MosaicClient:
+    """Mosaic's billing and run endpoints, for one organization's API key per call."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+
+    async def _call(
+        self, endpoint: str, method: str, path: str, api_key: str, json: Any = None
+    ) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await self._http.request(
+                method,
+                f"{self._base_url}{path}",
+                json=json,
+                headers={"Authorization": f"Bearer {api_key}"},
+            )
+        except httpx.HTTPError as exc:
+            metrics.MOSAIC_CALLS.labels(endpoint, "unreachable").inc()
+            raise MosaicError(None, f"{type(exc).__name__} calling {method} {endpoint}") from exc
+        finally:
+            metrics.MOSAIC_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.MOSAIC_CALLS.labels(endpoint, str(response.status_code)).inc()
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise MosaicError(502, f"{method} {endpoint} answered non-JSON") from exc
+        raise MosaicError(
+            response.status_code,
+            _detail(response),
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+        )
+
+    @staticmethod
+    def _model(model: type[M], body: Any, endpoint: str) -> M:
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise MosaicError(502, f"{endpoint} answered an unexpected shape") from exc
+
+    async def get_plan(self, api_key: str) -> PlanState:
+        body = await self._call("GET /plan", "GET", "/plan", api_key)
+        return self._model(PlanState, body, "GET /plan")
+
+    async def list_plans(self, api_key: str) -> list[PlanOffer]:
+        body = await self._call("GET /plan/list", "GET", "/plan/list", api_key)
+        try:
+            return parse_plan_list(body)
+        except ValidationError as exc:
+            raise MosaicError(502, "GET /plan/list answered an unexpected shape") from exc
+
+    async def upgrade_plan(
+        self,
+        api_key: str,
+        plan_id: str,
+        *,
+        success_url: str | None = None,
+        cancel_url: str | None = None,
+    ) -> UpgradeResult:
+        body: dict[str, Any] = {"plan_id": plan_id}
+        if success_url:
+            body["success_url"] = success_url
+        if cancel_url:
+            body["cancel_url"] = cancel_url
+        answer = await self._call("POST /plan/upgrade", "POST", "/plan/upgrade", api_key, body)
+        return self._model(UpgradeResult, answer, "POST /plan/upgrade")
+
+    async def get_credits(self, api_key: str) -> Credits:
+        body = await self._call("GET /credits", "GET", "/credits", api_key)
+        if not isinstance(body, dict):
+            raise MosaicError(502, "GET /credits answered an unexpected shape")
+        try:
+            return parse_credits(body)
+        except ValidationError as exc:
+            raise MosaicError(502, "GET /credits answered an unexpected shape") from exc
+
+    async def set_auto_topup(
+        self, api_key: str, *, enabled: bool, threshold: int, quantity: int
+    ) -> AutoTopup:
+        body = {"auto_topup": {"enabled": enabled, "threshold": threshold, "quantity": quantity}}
+        answer = await self._call(
+            "POST /credits/settings", "POST", "/credits/settings", api_key, body
+        )
+        stored = answer.get("auto_topup") if isinstance(answer, dict) else None
+        return self._model(AutoTopup, stored or body["auto_topup"], "POST /credits/settings")
+
+    async def get_run(self, api_key: str, run_id: str) -> tuple[AgentRun, dict[str, Any]]:
+        path = f"/agent_run/{_segment(run_id)}"
+        body = await self._call("GET /agent_run", "GET", path, api_key)
+        return self._model(AgentRun, body, "GET /agent_run"), body
+
+    async def get_run_nodes(self, api_key: str, run_id: str) -> list[RunNode]:
+        path = f"/agent_run/{_segment(run_id)}/nodes"
+        body = await self._call("GET /agent_run/nodes", "GET", path, api_key)
+        nodes = body.get("nodes", []) if isinstance(body, dict) else []
+        return [self._model(RunNode, n, "GET /agent_run/nodes") for n in nodes]
+
+    async def resume_run(self, api_key: str, run_id: str) -> dict[str, Any]:
+        path = f"/agent_run/{_segment(run_id)}/resume"
+        body = await self._call("POST /agent_run/resume", "POST", path, api_key)
+        return body if isinstance(body, dict) else {}
+
+
+def _segment(value: str) -> str:
+    """Run ids come from webhooks and callers: keep them to one path segment."""
+    return quote(value, safe="")

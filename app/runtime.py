@@ -1,0 +1,72 @@
+"""What a process needs at run time, made once in lifespan (or at worker start) and closed there."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import Request
+from sqlalchemy import select
+
+from app.accounts.models import Account
+from app.accounts.secrets import Keyring
+from app.database import Database, plain_postgres_url, resolve_database_url
+from app.mosaic import MosaicClient, make_http_client
+from app.notifications import Listener
+from app.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    http: httpx.AsyncClient
+    mosaic: MosaicClient
+    keyring: Keyring
+    listener: Listener
+    # In-flight immediate attempts that outlived their request's deadline; kept so they finish.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:
+        url = database_url or resolve_database_url(settings)
+        db = Database(url)
+        listener = Listener(plain_postgres_url(url))
+        await listener.start()
+        http = make_http_client(settings)
+        return cls(
+            settings=settings,
+            db=db,
+            http=http,
+            mosaic=MosaicClient(http, settings.mosaic_base_url),
+            keyring=Keyring(settings.encryption_keys),
+            listener=listener,
+        )
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def mosaic_key(self, account_id: uuid.UUID) -> str:
+        async with self.db.sessions() as session:
+            token = await session.scalar(
+                select(Account.mosaic_api_key_encrypted).where(Account.id == account_id)
+            )
+        if token is None:
+            raise LookupError(f"account {account_id} is gone")
+        return self.keyring.decrypt(token)
+
+    async def close(self) -> None:
+        if self.background:
+            await asyncio.wait(self.background, timeout=10)
+        await self.http.aclose()
+        await self.listener.close()
+        await self.db.dispose()
+
+
+def runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the process's runtime, made in lifespan."""
+    rt: Runtime = request.app.state.runtime
+    return rt

@@ -1,0 +1,90 @@
+"""The one settings class: every knob of the service, read from the environment."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that `unblock dev` uses; refused anywhere but dev so a demo secret never guards real data.
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
+DEV_ENCRYPTION_KEY = "ZGV2LW9ubHktZmVybmV0LWtleS1jaGFuZ2UtbWUhISE="
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNBLOCK_", extra="ignore", populate_by_name=True)
+
+    env: Environment = Environment.PRODUCTION
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "UNBLOCK_DATABASE_URL")
+    )
+    data_dir: Path = Path(".unblock")
+    public_url: str = "http://127.0.0.1:8000"
+    mosaic_base_url: str = Field(
+        default="https://api.mosaic.so",
+        validation_alias=AliasChoices("MOSAIC_BASE_URL", "UNBLOCK_MOSAIC_BASE_URL"),
+    )
+    mosaic_timeout: timedelta = timedelta(seconds=10)
+    mosaic_connect_timeout: timedelta = timedelta(seconds=3)
+
+    jwt_secret: SecretStr | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Fernet keys, comma-separated; the first encrypts, all decrypt (rotation).
+    encryption_key: SecretStr | None = None
+
+    run_worker: bool = True
+    worker_concurrency: int = Field(default=8, ge=1, le=256)
+    job_lease: timedelta = timedelta(seconds=30)
+    poll_interval: timedelta = timedelta(seconds=1)
+    retry_base: timedelta = timedelta(milliseconds=500)
+    retry_max: timedelta = timedelta(seconds=60)
+    give_up_after: timedelta = timedelta(hours=1)
+    action_deadline: timedelta = timedelta(seconds=3)
+    decision_ttl: timedelta = timedelta(days=7)
+    max_resumes: int = Field(default=3, ge=1)
+    webhook_retention: timedelta = timedelta(days=7)
+    checkout_success_url: str | None = None
+    checkout_cancel_url: str | None = None
+    log_level: str = "INFO"
+
+    @field_validator("public_url", "mosaic_base_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_outside_dev(self) -> Settings:
+        if self.env is Environment.DEV:
+            return self
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret else None
+        key = self.encryption_key.get_secret_value() if self.encryption_key else None
+        if secret == DEV_JWT_SECRET or (key and DEV_ENCRYPTION_KEY in key.split(",")):
+            raise ValueError("the dev placeholder secrets are refused outside UNBLOCK_ENV=dev")
+        if not secret and not self.jwks_url:
+            raise ValueError("set UNBLOCK_JWT_SECRET or UNBLOCK_JWKS_URL")
+        if not key:
+            raise ValueError("set UNBLOCK_ENCRYPTION_KEY (one or more Fernet keys)")
+        return self
+
+    @property
+    def encryption_keys(self) -> list[str]:
+        if self.encryption_key is None:
+            return []
+        return [k.strip() for k in self.encryption_key.get_secret_value().split(",") if k.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

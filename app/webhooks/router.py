@@ -1,0 +1,46 @@
+"""HTTP for Mosaic's webhooks: authenticated by X-Mosaic-Signature, answered 202 after storing."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Request, status
+from pydantic import BaseModel
+
+from app.errors import DomainError
+from app.runtime import Runtime, runtime
+from app.webhooks.service import receive
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+MAX_BODY = 1_000_000
+
+
+class WebhookAck(BaseModel):
+    status: Literal["accepted", "duplicate", "ignored"]
+
+
+@router.post(
+    "/mosaic/{account_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=WebhookAck,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def mosaic_webhook(
+    account_id: uuid.UUID,
+    request: Request,
+    rt: Annotated[Runtime, Depends(runtime)],
+    x_mosaic_signature: Annotated[str | None, Header()] = None,
+) -> WebhookAck:
+    """A Mosaic run event (RUN_STARTED, RUN_PROGRESS, RUN_FINISHED) for this account."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise DomainError("The event is too large.", status=413, code="payload_too_large")
+    outcome = await receive(rt, account_id, x_mosaic_signature, raw)
+    return WebhookAck(status=outcome.value)

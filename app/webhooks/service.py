@@ -1,0 +1,177 @@
+"""Mosaic webhooks: verify, store once, and act on what the event says.
+
+Nothing here calls Mosaic inside a request: a failure without the credits flag is recorded as
+a `verify_run` job, and the worker asks Mosaic whether the run is really credit-blocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import metrics
+from app.accounts.models import Account
+from app.accounts.secrets import webhook_secret_matches
+from app.blocked_runs import repository
+from app.blocked_runs.service import open_blocked_run
+from app.blocked_runs.state_machine import Event, transition
+from app.errors import DomainError, NotFound, Unauthorized
+from app.mosaic import needs_credits
+from app.runtime import Runtime
+from app.webhooks.models import WebhookEvent
+from app.work_queue import ClaimedJob, JobKind, enqueue, finish
+
+MOSAIC = "mosaic"
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+
+
+class MalformedWebhook(DomainError):
+    status = 422
+    code = "malformed_webhook"
+
+
+def parse_event(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedWebhook("The body is not JSON.", status=400, code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise MalformedWebhook("The body must be a JSON object.")
+    for field in ("flag", "run_id"):
+        if not isinstance(payload.get(field), str) or not payload[field].strip():
+            raise MalformedWebhook(f"The event needs a string `{field}`.")
+    for field in ("agent_id", "status"):
+        if payload.get(field) is not None and not isinstance(payload[field], str):
+            raise MalformedWebhook(f"`{field}` must be a string.")
+    return payload
+
+
+def dedup_key(payload: dict[str, Any], generation: int) -> str:
+    """Identical deliveries share a key. The generation (resumes so far) keeps a run that
+    blocks again after a resume, with a byte-identical RUN_FINISHED, from looking like a copy."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{generation}:{canonical}".encode()).hexdigest()
+
+
+async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw: bytes) -> Outcome:
+    """Verify, store durably and deduplicated, act; the answer is sent only after commit."""
+    async with rt.db.transaction() as session:
+        secret_hash = await session.scalar(
+            select(Account.webhook_secret_hash).where(Account.id == account_id)
+        )
+        if secret_hash is None:
+            raise NotFound("No such account.", code="account_not_found")
+        if not webhook_secret_matches(signature, secret_hash):
+            metrics.WEBHOOKS.labels("unauthorized").inc()
+            raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
+        payload = parse_event(raw)
+        run_id = payload["run_id"]
+        generation = await repository.count_resumed(session, account_id, run_id)
+        event_id = await session.scalar(
+            pg_insert(WebhookEvent)
+            .values(
+                account_id=account_id,
+                dedup_key=dedup_key(payload, generation),
+                flag=payload["flag"][:64],
+                run_id=run_id[:200],
+                payload=payload,
+                raw_body=raw.decode("utf-8", errors="replace"),
+                outcome="received",
+            )
+            .on_conflict_do_nothing()
+            .returning(WebhookEvent.id)
+        )
+        if event_id is None:
+            outcome = Outcome.DUPLICATE
+        else:
+            outcome = await _act(rt, session, account_id, payload)
+            await session.execute(
+                update(WebhookEvent).where(WebhookEvent.id == event_id).values(outcome=outcome)
+            )
+    metrics.WEBHOOKS.labels(outcome.value).inc()
+    return outcome
+
+
+async def _act(
+    rt: Runtime, session: AsyncSession, account_id: uuid.UUID, payload: dict[str, Any]
+) -> Outcome:
+    flag = payload["flag"].upper()
+    status = (payload.get("status") or "").lower()
+    run_id: str = payload["run_id"]
+    agent_id = payload.get("agent_id")
+
+    if flag == "RUN_FINISHED" and needs_credits(payload):
+        return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with needs_credits")
+    if flag == "RUN_FINISHED" and status == "failed":
+        await enqueue(
+            session,
+            JobKind.VERIFY_RUN,
+            account_id=account_id,
+            payload={"run_id": run_id, "agent_id": agent_id},
+            give_up_after=rt.settings.give_up_after,
+        )
+        return Outcome.ACCEPTED
+    if flag == "RUN_STARTED" or (flag == "RUN_FINISHED" and status == "completed"):
+        # The run moves again without us: whoever resumed it, this episode is over.
+        episode = await repository.open_episode_for(session, account_id, run_id, lock=True)
+        if episode is None:
+            return Outcome.IGNORED
+        await transition(
+            session,
+            episode,
+            Event.RUN_RESTARTED,
+            actor=MOSAIC,
+            reason=f"Mosaic sent {flag} ({status or 'no status'}) for the run",
+        )
+        return Outcome.ACCEPTED
+    return Outcome.IGNORED
+
+
+async def _open(
+    rt: Runtime,
+    session: AsyncSession,
+    account_id: uuid.UUID,
+    run_id: str,
+    agent_id: str | None,
+    reason: str,
+) -> Outcome:
+    run = await open_blocked_run(
+        rt,
+        session,
+        account_id=account_id,
+        run_id=run_id,
+        agent_id=agent_id,
+        actor=MOSAIC,
+        reason=reason,
+    )
+    return Outcome.ACCEPTED if run is not None else Outcome.DUPLICATE
+
+
+async def verify_run(rt: Runtime, job: ClaimedJob) -> None:
+    """A run failed without the credits flag: ask Mosaic (run, then nodes) before acting."""
+    run_id: str = job.payload["run_id"]
+    api_key = await rt.mosaic_key(job.account_id)
+    agent_run, body = await rt.mosaic.get_run(api_key, run_id)
+    blocked = agent_run.needs_credits or needs_credits(body)
+    if not blocked and (agent_run.status or "").lower() == "failed":
+        nodes = await rt.mosaic.get_run_nodes(api_key, run_id)
+        blocked = any(node.needs_credits for node in nodes)
+    async with rt.db.transaction() as session:
+        await finish(session, job)
+        if blocked:
+            agent_id = agent_run.agent_id or job.payload.get("agent_id")
+            await _open(
+                rt, session, job.account_id, run_id, agent_id, "failed; Mosaic confirms credits"
+            )

@@ -1,0 +1,236 @@
+"""The worker: claims due work, runs the step, retries with backoff, gives up into `failed`.
+
+Several replicas may run it; `FOR UPDATE SKIP LOCKED` plus a lease keeps each job with one
+worker at a time, and a job whose worker died is taken again when its lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, select, text
+
+from app import metrics
+from app.blocked_runs import repository
+from app.blocked_runs.models import BlockedRun, Job
+from app.blocked_runs.state_machine import WAITING_STATES, Event, State, transition
+from app.blocked_runs.steps import HANDLERS as RUN_STEPS
+from app.mosaic import MosaicError
+from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL
+from app.runtime import Runtime
+from app.webhooks.models import WebhookEvent
+from app.webhooks.service import verify_run
+from app.work_queue import (
+    ClaimedJob,
+    JobKind,
+    LeaseLost,
+    backoff,
+    cancel_pending,
+    claim_due,
+    claim_job,
+    finish,
+    reschedule,
+)
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[Runtime, ClaimedJob], Awaitable[None]]
+STEPS: dict[JobKind, Step] = {**RUN_STEPS, JobKind.VERIFY_RUN: verify_run}
+MAINTENANCE_EVERY = timedelta(seconds=30)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def execute(rt: Runtime, job: ClaimedJob) -> None:
+    """Run one claimed job to an outcome: done, rescheduled, or given up."""
+    try:
+        await STEPS[job.kind](rt, job)
+        metrics.JOBS.labels(job.kind, "done").inc()
+    except LeaseLost:
+        metrics.JOBS.labels(job.kind, "lease_lost").inc()
+        log.info("job %s (%s): lease lost or cancelled; outcome dropped", job.id, job.kind)
+    except MosaicError as exc:
+        if exc.transient and datetime.now(UTC) < job.give_up_at:
+            await _retry_later(rt, job, str(exc), exc.retry_after)
+        else:
+            code = "mosaic_unavailable" if exc.transient else "mosaic_rejected"
+            await give_up(rt, job, code, str(exc))
+    except Exception as exc:
+        log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
+        if datetime.now(UTC) < job.give_up_at:
+            await _retry_later(rt, job, f"{type(exc).__name__}: {exc}", None)
+        else:
+            await give_up(rt, job, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+async def _retry_later(rt: Runtime, job: ClaimedJob, error: str, retry_after: float | None) -> None:
+    settings = rt.settings
+    delay = backoff(
+        job.attempts, base=settings.retry_base, cap=settings.retry_max, retry_after=retry_after
+    )
+    metrics.JOBS.labels(job.kind, "retry").inc()
+    log.warning(
+        "job %s (%s) attempt %s: %s; retrying in %.1fs",
+        job.id,
+        job.kind,
+        job.attempts,
+        error,
+        delay.total_seconds(),
+    )
+    await reschedule(rt.db, job, delay=delay, error=error)
+
+
+async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None:
+    """Stop retrying: the job fails, and so does its run, with the reason shown to a person."""
+    metrics.JOBS.labels(job.kind, "gave_up").inc()
+    log.error("job %s (%s) gave up: %s", job.id, job.kind, message)
+    try:
+        async with rt.db.transaction() as session:
+            await finish(session, job, status="failed")
+            if job.blocked_run_id is None:
+                return
+            run = await repository.lock(session, job.blocked_run_id)
+            if run.state in {
+                s.value for s in WAITING_STATES | {State.CHECKING_PLAN, State.RESUMING}
+            }:
+                await transition(
+                    session,
+                    run,
+                    Event.GIVE_UP,
+                    actor="system",
+                    reason=f"{job.kind} gave up: {message}",
+                    error_code=code,
+                    error_message=f"Could not complete {job.kind.replace('_', ' ')}: {message}",
+                )
+    except LeaseLost:
+        log.info("job %s: lease lost while giving up", job.id)
+
+
+async def attempt_now(rt: Runtime, job_id: int, blocked_run_id: uuid.UUID) -> None:
+    """Try a person's job at once, then wait (within the action deadline) for follow-up steps.
+
+    The attempt is shielded: if the deadline passes, it carries on in the background and the
+    caller answers 202; a crash meanwhile leaves the job for a worker once its hold ends.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + rt.settings.action_deadline.total_seconds()
+    async with rt.listener.subscribe(RUN_EVENTS_CHANNEL) as changes:
+        job = await claim_job(rt.db, job_id, new_worker_id(), rt.settings.job_lease)
+        if job is not None:
+            task = asyncio.create_task(execute(rt, job))
+            rt.keep(task)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), deadline - loop.time())
+            except TimeoutError:
+                return
+        while (remaining := deadline - loop.time()) > 0:
+            async with rt.db.sessions() as session:
+                pending = await session.scalar(
+                    select(BlockedRun.pending).where(BlockedRun.id == blocked_run_id)
+                )
+            if not pending:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_next_for(changes, str(blocked_run_id)), remaining)
+
+
+async def _next_for(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
+    while (await changes.get()) not in (blocked_run_id, ""):
+        pass
+
+
+class Worker:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.worker_id = new_worker_id()
+        self._running: set[asyncio.Task[None]] = set()
+        self._next_maintenance = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.rt.settings
+        log.info("worker %s started", self.worker_id)
+        loop = asyncio.get_running_loop()
+        async with self.rt.listener.subscribe(JOBS_CHANNEL) as wake:
+            while not stop.is_set():
+                try:
+                    if loop.time() >= self._next_maintenance:
+                        self._next_maintenance = loop.time() + MAINTENANCE_EVERY.total_seconds()
+                        await self.maintain()
+                    free = settings.worker_concurrency - len(self._running)
+                    claimed = []
+                    if free > 0:
+                        claimed = await claim_due(
+                            self.rt.db, self.worker_id, limit=free, lease=settings.job_lease
+                        )
+                    for job in claimed:
+                        task = asyncio.create_task(execute(self.rt, job), name=f"job-{job.id}")
+                        self._running.add(task)
+                        task.add_done_callback(self._running.discard)
+                    if claimed and len(claimed) == free:
+                        continue
+                except Exception:
+                    log.exception("worker loop error; backing off")
+                await self._idle(wake, stop, settings.poll_interval.total_seconds())
+        if self._running:
+            await asyncio.wait(self._running, timeout=settings.job_lease.total_seconds())
+        log.info("worker %s stopped", self.worker_id)
+
+    async def _idle(self, wake: asyncio.Queue[str], stop: asyncio.Event, poll: float) -> None:
+        """Sleep until new work is announced, a slot frees up, stop is asked, or the poll tick."""
+        waiters = {asyncio.create_task(wake.get()), asyncio.create_task(stop.wait())}
+        waiters |= {asyncio.ensure_future(asyncio.shield(t)) for t in self._running}
+        try:
+            await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        while not wake.empty():
+            wake.get_nowait()
+
+    async def maintain(self) -> None:
+        """Expire unanswered runs and prune old inbox rows and finished jobs (idempotent)."""
+        settings = self.rt.settings
+        async with self.rt.db.transaction() as session:
+            stale = (
+                (
+                    await session.execute(
+                        select(BlockedRun)
+                        .where(
+                            BlockedRun.state.in_([s.value for s in WAITING_STATES]),
+                            BlockedRun.state_changed_at
+                            < text("now() - make_interval(secs => :ttl)").bindparams(
+                                ttl=settings.decision_ttl.total_seconds()
+                            ),
+                        )
+                        .limit(100)
+                        .with_for_update(of=BlockedRun, skip_locked=True)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for run in stale:
+                await cancel_pending(session, run.id)
+                await transition(
+                    session,
+                    run,
+                    Event.EXPIRE,
+                    actor="system",
+                    reason=f"no answer within {settings.decision_ttl}",
+                )
+            retention = text("now() - make_interval(secs => :keep)").bindparams(
+                keep=settings.webhook_retention.total_seconds()
+            )
+            await session.execute(delete(WebhookEvent).where(WebhookEvent.received_at < retention))
+            await session.execute(
+                delete(Job).where(Job.status != "pending", Job.finished_at < retention)
+            )

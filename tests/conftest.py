@@ -1,0 +1,315 @@
+"""Shared fixtures: a real PostgreSQL database per test process, the Mosaic sandbox and the
+service on loopback, and helpers that act like Mosaic, a person and an internal service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+
+from app import migrations
+from app.auth import mint_token
+from app.main import create_app
+from app.runtime import Runtime
+from app.settings import Environment, Settings
+from mosaic_sandbox import SandboxServer
+
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+ENCRYPTION_KEY = Fernet.generate_key().decode()
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin_url() -> str:
+    """UNBLOCK_TEST_DATABASE_URL, else the local server, else an embedded one (a fresh laptop)."""
+    if url := os.environ.get("UNBLOCK_TEST_DATABASE_URL"):
+        return url
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), timeout=1):
+        return DEFAULT_ADMIN_URL
+    import pgserver
+
+    root = os.path.join(os.path.expanduser("~"), ".cache", "unblock-test-pg")
+    os.makedirs(root, exist_ok=True)
+    return str(pgserver.get_server(root, cleanup_mode="stop").get_uri())
+
+
+async def _recreate(admin_url: str, name: str) -> str:
+    parsed = make_url(admin_url)
+    conn = await asyncpg.connect(str(parsed.set(drivername="postgresql")))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return parsed.set(database=name).render_as_string(hide_password=False)
+
+
+def new_database(suffix: str) -> str:
+    """A fresh, migrated database for this test process (xdist workers get their own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    url = asyncio.run(_recreate(_admin_url(), f"unblock_test_{worker}_{suffix}"))
+    migrations.upgrade(url)
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": Environment.TEST,
+        "jwt_secret": JWT_SECRET,
+        "encryption_key": ENCRYPTION_KEY,
+        "public_url": f"http://127.0.0.1:{port}",
+        "mosaic_base_url": mosaic_url,
+        "retry_base": 0.05,
+        "retry_max": 0.5,
+        "action_deadline": 3,
+        "poll_interval": 0.5,
+        "job_lease": 5,
+        "give_up_after": 60,
+    }
+    return Settings(**(values | overrides))
+
+
+@dataclass
+class Service:
+    """unblock served by uvicorn on loopback, in the test's event loop."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+
+    @property
+    def runtime(self) -> Runtime:
+        rt: Runtime = self.app.state.runtime
+        return rt
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+async def start_service(database_url: str, settings: Settings, *, worker: bool = True) -> Service:
+    port = int(settings.public_url.rsplit(":", 1)[1])
+    app = create_app(settings, database_url=database_url, run_worker=worker)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError("service did not start")
+        await asyncio.sleep(0.01)
+    return Service(url=settings.public_url, app=app, server=server, task=task)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    return new_database("main")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def sandbox() -> AsyncIterator[SandboxServer]:
+    async with SandboxServer(step_delay=0.01, webhook_retry_base=0.01) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def service(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Service]:
+    port = free_port()
+    svc = await start_service(database_url, test_settings(port, sandbox.url))
+    yield svc
+    await svc.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(service: Service) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=service.url, timeout=15) as http:
+        yield http
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def mosaic(sandbox: SandboxServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=15) as http:
+        yield http
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+ADMIN = bearer(mint_token(JWT_SECRET, sub="test-admin", scopes=["accounts:admin"]))
+
+
+@dataclass
+class Tenant:
+    """An unblock account tied to a sandbox organization, with tokens for each kind of caller."""
+
+    account_id: str
+    webhook_url: str
+    webhook_secret: str
+    mosaic_key: str
+    organization_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+    service_headers: dict[str, str] = field(default_factory=dict)
+
+    def token(self, *scopes: str, sub: str = "someone") -> dict[str, str]:
+        return bearer(
+            mint_token(JWT_SECRET, sub=sub, scopes=list(scopes), account_id=self.account_id)
+        )
+
+
+async def make_tenant(client: httpx.AsyncClient, mosaic: httpx.AsyncClient, **org: Any) -> Tenant:
+    secret = "whsec_" + uuid.uuid4().hex
+    spec = {"plan_id": None, "balance": 0, "checkout": True, "webhook_secret": secret} | org
+    created = (await mosaic.post("/_sandbox/orgs", json=spec)).raise_for_status().json()
+    account = (
+        (
+            await client.post(
+                "/v1/accounts",
+                headers=ADMIN,
+                json={
+                    "name": "Test Org",
+                    "mosaic_api_key": created["api_key"],
+                    "webhook_secret": secret,
+                },
+            )
+        )
+        .raise_for_status()
+        .json()
+    )
+    tenant = Tenant(
+        account_id=account["id"],
+        webhook_url=account["webhook_url"],
+        webhook_secret=secret,
+        mosaic_key=created["api_key"],
+        organization_id=created["organization_id"],
+    )
+    tenant.headers = tenant.token("runs:read", "runs:write", sub="person")
+    tenant.service_headers = tenant.token("runs:read", "runs:register", sub="billing-svc")
+    return tenant
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def tenant(client: httpx.AsyncClient, mosaic: httpx.AsyncClient) -> Tenant:
+    """A free organization (checkout needed, no credits) with an unblock account."""
+    return await make_tenant(client, mosaic)
+
+
+async def start_mosaic_run(
+    mosaic: httpx.AsyncClient, tenant: Tenant, agent: str = "agent-1", *, report: bool = True
+) -> str:
+    """Start a run in the sandbox (through its control surface, so the call log holds only
+    unblock's calls); it blocks when credits run out.
+
+    With `report`, Mosaic sends its webhooks to unblock; without, the run is left to finish on
+    its own (awaited here) so a test can register it the way an internal service would."""
+    body: dict[str, Any] = {
+        "organization_id": tenant.organization_id,
+        "agent_id": agent,
+        "video_urls": ["https://example.com/in.mp4"],
+    }
+    if report:
+        body["callback_url"] = tenant.webhook_url
+    answer = await mosaic.post("/_sandbox/runs", json=body)
+    answer.raise_for_status()
+    run_id = str(answer.json()["run_id"])
+    if not report:
+
+        async def finished() -> bool:
+            run = await sandbox_run(mosaic, run_id)
+            return run["status"] in ("failed", "completed")
+
+        await eventually(finished, what=f"Mosaic run {run_id} to finish")
+    return run_id
+
+
+async def sandbox_run(mosaic: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
+    """The sandbox's whole view of a run (status, resumes, nodes), without a logged call."""
+    answer = await mosaic.get(f"/_sandbox/runs/{run_id}")
+    answer.raise_for_status()
+    run: dict[str, Any] = answer.json()
+    return run
+
+
+async def eventually(probe: Any, *, timeout: float = 10.0, what: str = "condition") -> Any:
+    """Await `probe()` until it returns something truthy (short waits between tries)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.01
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+async def blocked_run_for(
+    client: httpx.AsyncClient, tenant: Tenant, run_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        page = await client.get(
+            "/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers
+        )
+        items = page.json()["items"]
+        return items[0] if items else None
+
+    found: dict[str, Any] = await eventually(
+        probe, timeout=timeout, what=f"blocked run for {run_id}"
+    )
+    return found
+
+
+async def wait_for_state(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    blocked_id: str,
+    *states: str,
+    settled: bool = True,
+    timeout: float = 15.0,
+) -> dict[str, Any]:
+    """Follow the run's SSE stream until it is in one of `states` (and no step is pending)."""
+
+    async def follow() -> dict[str, Any]:
+        url = f"/v1/blocked-runs/{blocked_id}/events"
+        async with client.stream("GET", url, headers=tenant.headers) as stream:
+            assert stream.status_code == 200
+            last: dict[str, Any] = {}
+            async for line in stream.aiter_lines():
+                if line.startswith("data:"):
+                    last = json.loads(line[5:])
+                    if last["state"] in states and (not settled or not last["pending"]):
+                        return last
+        raise AssertionError(f"stream ended in {last.get('state')}, wanted {states}")
+
+    return await asyncio.wait_for(follow(), timeout)
+
+
+async def mosaic_calls(mosaic: httpx.AsyncClient, tenant: Tenant) -> list[tuple[str, str]]:
+    """(method, path) of every call the sandbox received with this tenant's key, in order."""
+    calls = (await mosaic.get("/_sandbox/calls", params={"api_key": tenant.mosaic_key})).json()
+    items = calls["calls"] if isinstance(calls, dict) else calls
+    return [(c["method"], c["path"]) for c in items]

@@ -1,0 +1,213 @@
+"""The webhook endpoint: signatures, malformed bodies, deduplication, and what each event does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from conftest import (
+    Service,
+    Tenant,
+    blocked_run_for,
+    eventually,
+    make_tenant,
+    mosaic_calls,
+    start_mosaic_run,
+    wait_for_state,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def finished_event(run_id: str, **extra: Any) -> dict[str, Any]:
+    event = {
+        "flag": "RUN_FINISHED",
+        "agent_id": "agent-9",
+        "run_id": run_id,
+        "status": "failed",
+        "status_message": "Insufficient credits",
+        "node_status_counts": {"completed": 1, "in_progress": 0, "failed": 1},
+        "needs_credits": True,
+        "errors": [],
+        "inputs": [],
+        "outputs": [],
+        "triggered_by": None,
+    }
+    return event | extra
+
+
+async def deliver(
+    client: httpx.AsyncClient, tenant: Tenant, body: Any, *, signature: str | None = None
+) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    sig = tenant.webhook_secret if signature is None else signature
+    if sig:
+        headers["X-Mosaic-Signature"] = sig
+    return await client.post(
+        f"/v1/webhooks/mosaic/{tenant.account_id}", content=raw, headers=headers
+    )
+
+
+async def test_wrong_or_missing_signature_is_refused_and_nothing_is_stored(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    wrong = await deliver(client, tenant, finished_event(run_id), signature="whsec_wrong")
+    assert wrong.status_code == 401
+    assert wrong.headers["content-type"].startswith("application/problem+json")
+    assert wrong.json()["code"] == "bad_signature"
+    missing = await deliver(client, tenant, finished_event(run_id), signature="")
+    assert missing.status_code == 401
+    listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
+    assert listed.json()["items"] == []
+
+
+async def test_unknown_account_is_404(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    answer = await client.post(
+        f"/v1/webhooks/mosaic/{uuid.uuid4()}",
+        json=finished_event("r"),
+        headers={"X-Mosaic-Signature": tenant.webhook_secret},
+    )
+    assert answer.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 422),
+        (b'"text"', 422),
+        (json.dumps({"flag": "RUN_FINISHED"}).encode(), 422),
+        (json.dumps({"run_id": "r1"}).encode(), 422),
+        (json.dumps({"flag": 7, "run_id": "r1"}).encode(), 422),
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": ["r1"]}).encode(), 422),
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": "r1", "status": 3}).encode(), 422),
+        (b"\xff\xfe\x00", 400),
+    ],
+)
+async def test_malformed_bodies_are_4xx_never_5xx(
+    client: httpx.AsyncClient, tenant: Tenant, body: bytes, status: int
+) -> None:
+    answer = await deliver(client, tenant, body)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["status"] == status
+
+
+async def test_concurrent_duplicate_deliveries_open_one_blocked_run(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    event = finished_event(run_id)
+    answers = await asyncio.gather(*(deliver(client, tenant, event) for _ in range(12)))
+    assert {a.status_code for a in answers} == {202}
+    statuses = sorted(a.json()["status"] for a in answers)
+    assert statuses.count("accepted") == 1
+    assert statuses.count("duplicate") == 11
+
+    # A different delivery about the same run (other counts) does not open a second episode.
+    other = await deliver(client, tenant, finished_event(run_id, node_status_counts={"failed": 2}))
+    assert other.json()["status"] == "duplicate"
+    listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
+    assert len(listed.json()["items"]) == 1
+    assert listed.json()["items"][0]["agent_id"] == "agent-9"
+
+
+async def test_camel_case_flag_on_a_node_marks_the_run_blocked(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    event = finished_event(run_id)
+    del event["needs_credits"]
+    event["updated_nodes"] = [{"original_node_id": "n1", "status": "failed", "needsCredits": True}]
+    answer = await deliver(client, tenant, event)
+    assert answer.json()["status"] == "accepted"
+    await blocked_run_for(client, tenant, run_id)
+
+
+async def test_progress_completed_and_unknown_events_open_nothing(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    noise = [
+        {
+            "flag": "RUN_PROGRESS",
+            "run_id": run_id,
+            "status": "running",
+            "updated_nodes": [{"original_node_id": "n", "status": "failed", "needs_credits": True}],
+        },
+        {"flag": "RUN_FINISHED", "run_id": run_id, "status": "completed", "needs_credits": False},
+        {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"},
+        {"flag": "TEST", "run_id": run_id},
+        {"flag": "SOMETHING_NEW", "run_id": run_id, "extra": {"nested": [1, 2]}},
+    ]
+    for event in noise:
+        answer = await deliver(client, tenant, event)
+        assert answer.status_code == 202
+        assert answer.json()["status"] == "ignored", event
+    listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
+    assert listed.json()["items"] == []
+
+
+async def test_run_started_closes_an_open_episode_as_resumed_elsewhere(
+    client: httpx.AsyncClient, mosaic: httpx.AsyncClient
+) -> None:
+    tenant = await make_tenant(client, mosaic)
+    run_id = f"run-{uuid.uuid4()}"
+    await deliver(client, tenant, finished_event(run_id))
+    blocked = await blocked_run_for(client, tenant, run_id)
+    await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
+    started = await deliver(
+        client, tenant, {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"}
+    )
+    assert started.json()["status"] == "accepted"
+    closed = (await client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)).json()
+    assert closed["state"] == "resumed"
+    assert closed["history"][-1]["actor"] == "mosaic"
+    assert closed["history"][-1]["event"] == "run_restarted"
+
+
+async def test_failure_without_the_flag_is_verified_with_mosaic_before_blocking(
+    client: httpx.AsyncClient, mosaic: httpx.AsyncClient
+) -> None:
+    tenant = await make_tenant(client, mosaic)
+    run_id = await start_mosaic_run(mosaic, tenant, report=False)
+    event = finished_event(run_id, needs_credits=False)
+    del event["needs_credits"]
+    answer = await deliver(client, tenant, event)
+    assert answer.json()["status"] == "accepted"
+    blocked = await blocked_run_for(client, tenant, run_id)
+    await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
+    calls = await mosaic_calls(mosaic, tenant)
+    assert calls.index(("GET", f"/agent_run/{run_id}")) < calls.index(("GET", "/plan"))
+
+
+async def test_failure_that_mosaic_says_is_not_about_credits_opens_nothing(
+    client: httpx.AsyncClient, mosaic: httpx.AsyncClient, service: Service
+) -> None:
+    tenant = await make_tenant(client, mosaic, plan_id="creator", balance=100_000)
+    run_id = await start_mosaic_run(mosaic, tenant, report=False)  # completes: enough credits
+    event = finished_event(run_id, status="failed", status_message="Render crashed")
+    del event["needs_credits"]
+    assert (await deliver(client, tenant, event)).json()["status"] == "accepted"
+
+    async def verified() -> bool:
+        async with service.runtime.db.sessions() as session:
+            status = await session.scalar(
+                text(
+                    "SELECT status FROM jobs WHERE kind = 'verify_run' AND payload->>'run_id' = :r"
+                ),
+                {"r": run_id},
+            )
+        return status == "done"
+
+    await eventually(verified, what="the verification job to finish")
+    assert ("GET", f"/agent_run/{run_id}") in await mosaic_calls(mosaic, tenant)
+    listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
+    assert listed.json()["items"] == []

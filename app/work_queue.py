@@ -27,6 +27,10 @@ class JobKind(StrEnum):
     VERIFY_RUN = "verify_run"  # GET /agent_run (+ /nodes) for a failure without the flag
 
 
+class NotYet(Exception):
+    """The step must wait for something else to settle first: try again later, no harm done."""
+
+
 class LeaseLost(Exception):
     """Another worker owns the job now, or it was cancelled: drop this attempt's outcome."""
 

@@ -31,6 +31,7 @@ from app.work_queue import (
     ClaimedJob,
     JobKind,
     LeaseLost,
+    NotYet,
     backoff,
     cancel_pending,
     claim_due,
@@ -58,6 +59,8 @@ async def execute(rt: Runtime, job: ClaimedJob) -> None:
     except LeaseLost:
         metrics.JOBS.labels(job.kind, "lease_lost").inc()
         log.info("job %s (%s): lease lost or cancelled; outcome dropped", job.id, job.kind)
+    except NotYet as wait:
+        await _retry_later(rt, job, f"waiting: {wait}", None)
     except MosaicError as exc:
         if exc.transient and datetime.now(UTC) < job.give_up_at:
             await _retry_later(rt, job, str(exc), exc.retry_after)

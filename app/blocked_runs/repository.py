@@ -28,13 +28,22 @@ async def get_for_account(
     run = (await session.execute(stmt)).scalar_one_or_none()
     if run is None:
         raise NotFound("No such blocked run.", code="blocked_run_not_found")
+    if lock:
+        await _reread_pending(session, run)
     return run
+
+
+async def _reread_pending(session: AsyncSession, run: BlockedRun) -> None:
+    # A FOR UPDATE that waited re-checks the locked row, but `pending` is a subquery read with
+    # the statement's older snapshot; read it again now that the lock is ours.
+    await session.refresh(run, ["pending"])
 
 
 async def lock(session: AsyncSession, blocked_run_id: uuid.UUID) -> BlockedRun:
     """Row-lock a run for a system step (the job already names the account)."""
     stmt = select(BlockedRun).where(BlockedRun.id == blocked_run_id).with_for_update(of=BlockedRun)
     run = (await session.execute(stmt.execution_options(populate_existing=True))).scalar_one()
+    await _reread_pending(session, run)
     return run
 
 
@@ -66,6 +75,22 @@ async def count_resumed(session: AsyncSession, account_id: uuid.UUID, run_id: st
     ) or 0
 
 
+async def resume_generation(session: AsyncSession, account_id: uuid.UUID, run_id: str) -> int:
+    """How many times this Mosaic run has entered `resuming` (across all its episodes)."""
+    return (
+        await session.scalar(
+            select(func.count())
+            .select_from(HistoryEntry)
+            .join(BlockedRun, BlockedRun.id == HistoryEntry.blocked_run_id)
+            .where(
+                BlockedRun.account_id == account_id,
+                BlockedRun.run_id == run_id,
+                HistoryEntry.to_state == State.RESUMING.value,
+            )
+        )
+    ) or 0
+
+
 async def lock_organization_runs(
     session: AsyncSession, account_id: uuid.UUID, states: Collection[State], *, except_id: uuid.UUID
 ) -> Sequence[BlockedRun]:
@@ -80,7 +105,10 @@ async def lock_organization_runs(
         .order_by(BlockedRun.id)
         .with_for_update(of=BlockedRun)
     )
-    return (await session.execute(stmt.execution_options(populate_existing=True))).scalars().all()
+    runs = (await session.execute(stmt.execution_options(populate_existing=True))).scalars().all()
+    for run in runs:
+        await _reread_pending(session, run)
+    return runs
 
 
 async def mark_topup_answered(session: AsyncSession, account_id: uuid.UUID) -> None:

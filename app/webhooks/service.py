@@ -21,12 +21,12 @@ from app.accounts.models import Account
 from app.accounts.secrets import webhook_secret_matches
 from app.blocked_runs import repository
 from app.blocked_runs.service import open_blocked_run
-from app.blocked_runs.state_machine import Event, transition
+from app.blocked_runs.state_machine import Event, State, transition
 from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
 from app.webhooks.models import WebhookEvent
-from app.work_queue import ClaimedJob, JobKind, enqueue, finish
+from app.work_queue import ClaimedJob, JobKind, NotYet, enqueue, finish
 
 MOSAIC = "mosaic"
 
@@ -59,8 +59,9 @@ def parse_event(raw: bytes) -> dict[str, Any]:
 
 
 def dedup_key(payload: dict[str, Any], generation: int) -> str:
-    """Identical deliveries share a key. The generation (resumes so far) keeps a run that
-    blocks again after a resume, with a byte-identical RUN_FINISHED, from looking like a copy."""
+    """Identical deliveries share a key. The generation (times the run entered `resuming`) keeps
+    a run that blocks again after a resume, with a byte-identical RUN_FINISHED, from looking
+    like a copy of the first one."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(f"{generation}:{canonical}".encode()).hexdigest()
 
@@ -78,7 +79,7 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
             raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
         payload = parse_event(raw)
         run_id = payload["run_id"]
-        generation = await repository.count_resumed(session, account_id, run_id)
+        generation = await repository.resume_generation(session, account_id, run_id)
         event_id = await session.scalar(
             pg_insert(WebhookEvent)
             .values(
@@ -113,8 +114,12 @@ async def _act(
     agent_id = payload.get("agent_id")
 
     if flag == "RUN_FINISHED" and needs_credits(payload):
-        return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with needs_credits")
-    if flag == "RUN_FINISHED" and status == "failed":
+        episode = await repository.open_episode_for(session, account_id, run_id)
+        if episode is None or episode.state != State.RESUMING:
+            return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
+        # We are resuming this run: the event is either a late copy of the failure we are
+        # handling or the run blocking again right after the resume. Mosaic decides, later.
+    if flag == "RUN_FINISHED" and (status == "failed" or needs_credits(payload)):
         await enqueue(
             session,
             JobKind.VERIFY_RUN,
@@ -160,8 +165,16 @@ async def _open(
 
 
 async def verify_run(rt: Runtime, job: ClaimedJob) -> None:
-    """A run failed without the credits flag: ask Mosaic (run, then nodes) before acting."""
+    """Is the run really credit-blocked? Ask Mosaic (run, then nodes) before opening an episode."""
     run_id: str = job.payload["run_id"]
+    async with rt.db.sessions() as session:
+        episode = await repository.open_episode_for(session, job.account_id, run_id)
+    if episode is not None and episode.state == State.RESUMING:
+        raise NotYet(f"run {run_id} is being resumed")
+    if episode is not None:
+        async with rt.db.transaction() as session:
+            await finish(session, job)
+        return
     api_key = await rt.mosaic_key(job.account_id)
     agent_run, body = await rt.mosaic.get_run(api_key, run_id)
     blocked = agent_run.needs_credits or needs_credits(body)

@@ -1,0 +1,3 @@
+from mosaic_sandbox.cli import main
+
+main()

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that `unblock dev` uses; refused anywhere but dev so a demo secret never guards real data.
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
 DEV_ENCRYPTION_KEY = "ZGV2LW9ubHktZmVybmV0LWtleS1jaGFuZ2UtbWUhISE="
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def _duration(value: Any) -> Any:
+    """Durations in the environment: `30` or `30s`, `500ms`, `5m`, `1h`, `7d` (ISO 8601 too)."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class Environment(StrEnum):
@@ -34,8 +57,8 @@ class Settings(BaseSettings):
         default="https://api.mosaic.so",
         validation_alias=AliasChoices("MOSAIC_BASE_URL", "UNBLOCK_MOSAIC_BASE_URL"),
     )
-    mosaic_timeout: timedelta = timedelta(seconds=10)
-    mosaic_connect_timeout: timedelta = timedelta(seconds=3)
+    mosaic_timeout: Duration = timedelta(seconds=10)
+    mosaic_connect_timeout: Duration = timedelta(seconds=3)
 
     jwt_secret: SecretStr | None = None
     jwks_url: str | None = None
@@ -46,15 +69,15 @@ class Settings(BaseSettings):
 
     run_worker: bool = True
     worker_concurrency: int = Field(default=8, ge=1, le=256)
-    job_lease: timedelta = timedelta(seconds=30)
-    poll_interval: timedelta = timedelta(seconds=1)
-    retry_base: timedelta = timedelta(milliseconds=500)
-    retry_max: timedelta = timedelta(seconds=60)
-    give_up_after: timedelta = timedelta(hours=1)
-    action_deadline: timedelta = timedelta(seconds=3)
-    decision_ttl: timedelta = timedelta(days=7)
+    job_lease: Duration = timedelta(seconds=30)
+    poll_interval: Duration = timedelta(seconds=1)
+    retry_base: Duration = timedelta(milliseconds=500)
+    retry_max: Duration = timedelta(seconds=60)
+    give_up_after: Duration = timedelta(hours=1)
+    action_deadline: Duration = timedelta(seconds=3)
+    decision_ttl: Duration = timedelta(days=7)
     max_resumes: int = Field(default=3, ge=1)
-    webhook_retention: timedelta = timedelta(days=7)
+    webhook_retention: Duration = timedelta(days=7)
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
     log_level: str = "INFO"

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import insert, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from tenacity import wait_exponential_jitter
+from tenacity import wait_random_exponential
 
 from app.blocked_runs.models import Job
 from app.database import Database
@@ -179,9 +179,7 @@ async def cancel_pending(session: AsyncSession, blocked_run_id: uuid.UUID) -> No
 def backoff(
     attempts: int, *, base: timedelta, cap: timedelta, retry_after: float | None
 ) -> timedelta:
-    """Exponential backoff with jitter, never sooner than Mosaic's Retry-After."""
-    wait = wait_exponential_jitter(
-        initial=base.total_seconds(), max=cap.total_seconds(), jitter=base.total_seconds()
-    )
+    """Exponential backoff with full jitter, never sooner than Mosaic's Retry-After."""
+    wait = wait_random_exponential(multiplier=base.total_seconds(), max=cap.total_seconds())
     seconds = wait(types.SimpleNamespace(attempt_number=max(1, attempts)))  # type: ignore[arg-type]
     return timedelta(seconds=max(seconds, retry_after or 0.0))

@@ -58,11 +58,22 @@ async def _recreate(admin_url: str, name: str) -> str:
     return parsed.set(database=name).render_as_string(hide_password=False)
 
 
+def _database_name(suffix: str) -> str:
+    return f"unblock_test_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{suffix}"
+
+
 def new_database(suffix: str) -> str:
     """A fresh, migrated database for this test process (xdist workers get their own)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    url = asyncio.run(_recreate(_admin_url(), f"unblock_test_{worker}_{suffix}"))
+    url = asyncio.run(_recreate(_admin_url(), _database_name(suffix)))
     migrations.upgrade(url)
+    return url
+
+
+async def fresh_database(suffix: str, *, migrate: bool = True) -> str:
+    """The same, from inside a running event loop."""
+    url = await _recreate(_admin_url(), _database_name(suffix))
+    if migrate:
+        await asyncio.to_thread(migrations.upgrade, url)
     return url
 
 
@@ -121,6 +132,38 @@ async def start_service(database_url: str, settings: Settings, *, worker: bool =
             raise RuntimeError("service did not start")
         await asyncio.sleep(0.01)
     return Service(url=settings.public_url, app=app, server=server, task=task)
+
+
+@dataclass
+class Stack:
+    """A private database, sandbox and service, for tests that inject faults or kill workers."""
+
+    database_url: str
+    sandbox: SandboxServer
+    service: Service
+    client: httpx.AsyncClient
+    mosaic: httpx.AsyncClient
+
+    async def fault(self, **spec: Any) -> None:
+        (await self.mosaic.post("/_sandbox/faults", json=spec)).raise_for_status()
+
+
+@contextlib.asynccontextmanager
+async def isolated_stack(
+    name: str, *, worker: bool = True, **overrides: Any
+) -> AsyncIterator[Stack]:
+    database_url = await fresh_database(name)
+    async with SandboxServer(step_delay=0.01, webhook_retry_base=0.01) as sandbox:
+        settings = test_settings(free_port(), sandbox.url, **overrides)
+        service = await start_service(database_url, settings, worker=worker)
+        try:
+            async with (
+                httpx.AsyncClient(base_url=service.url, timeout=15) as client,
+                httpx.AsyncClient(base_url=sandbox.url, timeout=15) as mosaic,
+            ):
+                yield Stack(database_url, sandbox, service, client, mosaic)
+        finally:
+            await service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,13 @@ from app.runtime import Runtime, runtime
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=AccountCreated)
+# exclude_none: `webhook_secret` appears only when generated, never as a null beside a supplied one.
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AccountCreated,
+    response_model_exclude_none=True,
+)
 async def create_account(
     body: AccountCreate,
     _: Annotated[Principal, Depends(requires(Scope.ACCOUNTS_ADMIN))],

@@ -33,6 +33,7 @@ def _logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Request URLs to Mosaic are harmless, but keep httpx quiet: headers carry API keys.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 @cli.command()
@@ -52,12 +53,20 @@ def serve(
 
 
 @cli.command("worker")
-def run_worker() -> None:
+def run_worker(
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics (and a liveness target) here.")
+    ] = None,
+) -> None:
     """Run only the worker (for a deployment that scales it apart from the API)."""
+    from prometheus_client import start_http_server
+
     from app.runtime import Runtime
     from app.worker import Worker
 
     _logging()
+    if metrics_port is not None:
+        start_http_server(metrics_port)
 
     async def main() -> None:
         rt = await Runtime.start(get_settings())
@@ -193,6 +202,29 @@ def create_account(
         return created.model_dump_json(indent=2, exclude_none=True)
 
     typer.echo(asyncio.run(main()))
+
+
+@accounts_cli.command("rotate-keys")
+def rotate_keys() -> None:
+    """Re-encrypt every stored Mosaic key under the first UNBLOCK_ENCRYPTION_KEY.
+
+    After rotating (new key first, old keys after it), run this; then the old keys can go.
+    """
+    from app.accounts.secrets import Keyring
+    from app.accounts.service import reencrypt_keys
+    from app.database import Database, resolve_database_url
+
+    settings = get_settings()
+
+    async def main() -> int:
+        db = Database(resolve_database_url(settings))
+        try:
+            async with db.transaction() as session:
+                return await reencrypt_keys(session, Keyring(settings.encryption_keys))
+        finally:
+            await db.dispose()
+
+    typer.echo(f"re-encrypted {asyncio.run(main())} account key(s) under the newest key")
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.models import Account
@@ -47,3 +48,12 @@ async def get(session: AsyncSession, account_id: uuid.UUID) -> Account:
     if account is None:
         raise NotFound("No such account.", code="account_not_found")
     return account
+
+
+async def reencrypt_keys(session: AsyncSession, keyring: Keyring) -> int:
+    """Re-encrypt every stored Mosaic key under the keyring's newest key (after a rotation)."""
+    accounts = (await session.execute(select(Account).with_for_update())).scalars().all()
+    for account in accounts:
+        account.mosaic_api_key_encrypted = keyring.rotate(account.mosaic_api_key_encrypted)
+    await session.flush()
+    return len(accounts)

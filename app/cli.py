@@ -13,8 +13,10 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
-from app.settings import get_settings
+from app.settings import Settings
+from app.settings import get_settings as _load_settings
 
 cli = typer.Typer(
     help="unblock: gets credit-blocked Mosaic agent runs moving again.",
@@ -26,6 +28,17 @@ cli.add_typer(accounts_cli, name="accounts")
 
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="Port to bind.")]
+
+
+def get_settings() -> Settings:
+    """The settings, or a one-line reason per problem and exit code 2."""
+    try:
+        return _load_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(map(str, error["loc"])) or "configuration"
+            typer.echo(f"unblock: {where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _logging() -> None:
@@ -184,11 +197,15 @@ def create_account(
     from app.database import Database, resolve_database_url
 
     settings = get_settings()
-    body = AccountCreate(
-        name=name,
-        mosaic_api_key=SecretStr(mosaic_api_key),
-        webhook_secret=SecretStr(webhook_secret) if webhook_secret else None,
-    )
+    try:
+        body = AccountCreate(
+            name=name,
+            mosaic_api_key=SecretStr(mosaic_api_key),
+            webhook_secret=SecretStr(webhook_secret) if webhook_secret else None,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
 
     async def main() -> str:
         db = Database(resolve_database_url(settings))

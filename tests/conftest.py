@@ -9,7 +9,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,25 @@ async def _recreate(admin_url: str, name: str) -> str:
     return parsed.set(database=name).render_as_string(hide_password=False)
 
 
+# Databases this process made; dropped when the session ends.
+CREATED_DATABASES: list[str] = []
+
+
 def _database_name(suffix: str) -> str:
-    return f"unblock_test_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{suffix}"
+    # Unique per process, so two people (or two runs) on one server never drop each other's.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"unblock_test_{worker}_{os.getpid()}_{suffix}"
+    CREATED_DATABASES.append(name)
+    return name
+
+
+async def _drop_all(admin_url: str) -> None:
+    conn = await asyncpg.connect(str(make_url(admin_url).set(drivername="postgresql")))
+    try:
+        for name in CREATED_DATABASES:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 def new_database(suffix: str) -> str:
@@ -169,6 +186,12 @@ async def isolated_stack(
 @pytest.fixture(scope="session")
 def database_url() -> str:
     return new_database("main")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_databases_at_exit() -> Iterator[None]:
+    yield
+    asyncio.run(_drop_all(_admin_url()))
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

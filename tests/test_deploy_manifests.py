@@ -343,10 +343,18 @@ def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
     assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
 
 
-def test_workers_have_no_http_probes_since_they_serve_no_http() -> None:
-    (container,) = _containers(_named("Deployment", "unblock-worker"))
+def test_worker_probes_and_scrapes_hit_the_port_its_metrics_server_listens_on() -> None:
+    worker = _named("Deployment", "unblock-worker")
+    (container,) = _containers(worker)
+    args = container["args"]
+    metrics_port = int(args[args.index("--metrics-port") + 1])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert "httpGet" not in container.get(kind, {}), f"worker {kind} would always fail"
+        if "httpGet" in container.get(kind, {}):
+            port = container[kind]["httpGet"]["port"]
+            assert ports.get(port, port) == metrics_port, f"worker {kind} would always fail"
+    annotations = worker["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == metrics_port
 
 
 def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -54,8 +54,11 @@ def serve(
     host: Host = "127.0.0.1",
     port: Port = 8000,
     worker: Annotated[
-        bool, typer.Option("--worker/--no-worker", help="Run the worker too.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--worker/--no-worker", help="Run the worker too (default: UNBLOCK_RUN_WORKER)."
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP API (and, by default, the worker) in one process."""
     from app.main import create_app

@@ -1,0 +1,117 @@
+"""The declared table, legal and refused moves, and the guarded update behind every change."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import func, select, update
+
+from app.blocked_runs.models import BlockedRun, HistoryEntry
+from app.blocked_runs.state_machine import (
+    ACTIONS,
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    WAITING_STATES,
+    Event,
+    IllegalTransition,
+    State,
+    actions_for,
+    target_of,
+    transition,
+)
+from conftest import Service, Tenant
+
+# The seed flow of design.md, in order, and the other legal paths, as (from, event, to).
+EXPECTED = {
+    (None, Event.BLOCKED, State.CHECKING_PLAN),
+    (State.CHECKING_PLAN, Event.PLAN_FREE, State.AWAITING_CHOICE),
+    (State.CHECKING_PLAN, Event.PLAN_PAID, State.TOPUP_PROMPT),
+    (State.CHECKING_PLAN, Event.PLAN_PAID_TOPUP_ON, State.RESUMING),
+    (State.AWAITING_CHOICE, Event.UPGRADED, State.TOPUP_PROMPT),
+    (State.AWAITING_CHOICE, Event.CHECKOUT_REQUIRED, State.AWAITING_CHECKOUT),
+    (State.AWAITING_CHOICE, Event.ORG_PLAN_PAID, State.TOPUP_PROMPT),
+    (State.AWAITING_CHECKOUT, Event.CHECKOUT_CONFIRMED, State.TOPUP_PROMPT),
+    (State.AWAITING_CHECKOUT, Event.UPGRADED, State.TOPUP_PROMPT),
+    (State.AWAITING_CHECKOUT, Event.CHECKOUT_REQUIRED, State.AWAITING_CHECKOUT),
+    (State.AWAITING_CHECKOUT, Event.ORG_PLAN_PAID, State.TOPUP_PROMPT),
+    (State.TOPUP_PROMPT, Event.TOPUP_ENABLED, State.RESUMING),
+    (State.TOPUP_PROMPT, Event.TOPUP_DECLINED, State.RESUMING),
+    (State.TOPUP_PROMPT, Event.ORG_TOPUP_ANSWERED, State.RESUMING),
+    (State.RESUMING, Event.RESUME_ACCEPTED, State.RESUMED),
+    (State.RESUMING, Event.RESUME_REFUSED, State.FAILED),
+    (State.RESUMING, Event.RESUME_LIMIT, State.FAILED),
+    (State.FAILED, Event.RETRY, State.CHECKING_PLAN),
+    *((s, Event.RUN_RESTARTED, State.RESUMED) for s in ACTIVE_STATES),
+    *((s, Event.CANCEL, State.CANCELLED) for s in ACTIVE_STATES),
+    *((s, Event.GIVE_UP, State.FAILED) for s in ACTIVE_STATES),
+    *((s, Event.EXPIRE, State.EXPIRED) for s in WAITING_STATES),
+}
+
+
+def test_the_table_holds_exactly_the_designed_moves() -> None:
+    assert {(f, e, t) for (f, e), t in TRANSITIONS.items()} == EXPECTED
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product([None, *State], Event)))
+def test_every_move_is_either_in_the_table_or_refused_naming_the_state(
+    state: State | None, event: Event
+) -> None:
+    if (state, event) in TRANSITIONS:
+        assert target_of(state, event) is TRANSITIONS[(state, event)]
+    else:
+        with pytest.raises(IllegalTransition) as refused:
+            target_of(state, event)
+        assert refused.value.status == 409
+        assert refused.value.extra["state"] == state
+
+
+def test_terminal_states_only_leave_by_retrying_a_failure() -> None:
+    leaving = {(f, e) for (f, e) in TRANSITIONS if f in TERMINAL_STATES}
+    assert leaving == {(State.FAILED, Event.RETRY)}
+
+
+def test_actions_follow_the_state_and_only_cancel_while_a_step_is_pending() -> None:
+    assert set(ACTIONS) == set(State)
+    assert actions_for("awaiting_choice", pending=False) == ["choose_plan", "cancel"]
+    assert actions_for("awaiting_checkout", pending=False) == [
+        "confirm_checkout",
+        "choose_plan",
+        "cancel",
+    ]
+    assert actions_for("topup_prompt", pending=False) == ["topup", "cancel"]
+    assert actions_for("topup_prompt", pending=True) == ["cancel"]
+    assert actions_for("failed", pending=False) == ["retry"]
+    for state in ("resumed", "cancelled", "expired"):
+        assert actions_for(state, pending=False) == []
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stale_version_is_refused_and_leaves_no_history(
+    client: httpx.AsyncClient, service: Service, tenant: Tenant
+) -> None:
+    created = await client.post(
+        "/v1/blocked-runs", json={"run_id": f"run-{uuid.uuid4()}"}, headers=tenant.service_headers
+    )
+    run_id = uuid.UUID(created.json()["id"])
+    async with service.runtime.db.transaction() as session:
+        run = await session.get_one(BlockedRun, run_id)
+        # Another writer changes the row after we read it; our copy is now stale.
+        await session.execute(
+            update(BlockedRun)
+            .where(BlockedRun.id == run_id)
+            .values(version=BlockedRun.version + 1)
+            .execution_options(synchronize_session=False)
+        )
+        with pytest.raises(IllegalTransition):
+            await transition(session, run, Event.CANCEL, actor="test")
+    async with service.runtime.db.sessions() as session:
+        count = await session.scalar(
+            select(func.count()).where(HistoryEntry.blocked_run_id == run_id)
+        )
+        assert count == 1  # only the opening entry
+        current = await session.get_one(BlockedRun, run_id)
+        assert current.state != "cancelled"

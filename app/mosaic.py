@@ -54,6 +54,8 @@ class PlanState(MosaicModel):
 
 class PlanOffer(MosaicModel):
     id: str
+    # Other ids Mosaic accepts for the same plan (the older list names them, e.g. `pro`).
+    aliases: list[str] = Field(default_factory=list)
     billing: str | None = None
     price_usd: float | None = None
     credits_per_month: float | None = None
@@ -79,12 +81,19 @@ class _LegacyPlanGroup(MosaicModel):
             "top_up_rate_per_100_credits_usd": self.top_up_rate_per_100_credits_usd,
             "notes": self.notes,
         }
+        annual_id = f"{self.id}_annual"
+        monthly_aliases = [a for a in self.aliases if a not in (self.id, annual_id)]
         offers = []
         if self.monthly_price_usd is not None:
             offers.append(
-                PlanOffer(id=self.id, billing="monthly", price_usd=self.monthly_price_usd, **common)
+                PlanOffer(
+                    id=self.id,
+                    aliases=monthly_aliases,
+                    billing="monthly",
+                    price_usd=self.monthly_price_usd,
+                    **common,
+                )
             )
-        annual_id = f"{self.id}_annual"
         if self.annual_price_usd is not None and annual_id in self.aliases:
             offers.append(
                 PlanOffer(id=annual_id, billing="annual", price_usd=self.annual_price_usd, **common)
@@ -131,9 +140,13 @@ class Credits(MosaicModel):
 def parse_credits(body: dict[str, Any]) -> Credits:
     credits = Credits.model_validate(body)
     nested = body.get("credits")
-    # The older shape nests the balance: read `balance ?? credits.balance`.
-    if credits.balance is None and isinstance(nested, dict):
-        credits.balance = nested.get("balance")
+    # The older shape nests the balance: read `balance ?? credits.balance` (and the same for
+    # auto top-up, should a double of that shape carry it there).
+    if isinstance(nested, dict):
+        if credits.balance is None:
+            credits.balance = nested.get("balance")
+        if credits.auto_topup is None and isinstance(nested.get("auto_topup"), dict):
+            credits.auto_topup = AutoTopup.model_validate(nested["auto_topup"])
     return credits
 
 

@@ -89,7 +89,8 @@ async def choose_plan(
         run = await repository.get_for_account(session, account_id, blocked_run_id, lock=True)
         require_action(run, Action.CHOOSE_PLAN)
         offered = [p.get("id") for p in run.plans or []]
-        if plan_id not in offered:
+        aliases = {a for p in run.plans or [] for a in p.get("aliases") or []}
+        if plan_id not in offered and plan_id not in aliases:
             raise InvalidInput(
                 f"Plan {plan_id!r} was not offered; choose one of {offered}.",
                 code="plan_not_offered",

@@ -1,0 +1,233 @@
+"""The Mosaic client reads every documented shape and fails in ways the worker can act on.
+
+The sandbox covers the normal readings over real HTTP; respx stands in only for edge cases the
+sandbox cannot produce (non-JSON answers, odd Retry-After values, unexpected shapes).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+import respx
+
+from app.mosaic import (
+    MosaicClient,
+    MosaicError,
+    PlanState,
+    needs_credits,
+    parse_credits,
+    parse_plan_list,
+)
+
+BASE = "https://mosaic.test"
+
+NEW_LIST = {
+    "plans": [
+        {
+            "id": "creator",
+            "billing": "monthly",
+            "price_usd": 50,
+            "credits_per_month": 2500,
+            "top_up_rate_per_100_credits_usd": 2,
+            "notes": "n",
+            "brand_new_field": True,
+        },
+        {
+            "id": "creator_annual",
+            "billing": "annual",
+            "price_usd": 480,
+            "credits_per_month": 2500,
+            "top_up_rate_per_100_credits_usd": 2,
+            "notes": "n",
+        },
+    ]
+}
+OLD_LIST = {
+    "plans": [
+        {
+            "id": "creator",
+            "aliases": ["creator", "creator_annual"],
+            "monthly_price_usd": 50,
+            "annual_price_usd": 500,
+            "credits_per_month": 2500,
+            "top_up_rate_per_100_credits_usd": 2,
+            "notes": "n",
+        },
+        {
+            "id": "professional",
+            "aliases": ["professional", "professional_annual", "pro"],
+            "monthly_price_usd": 150,
+            "annual_price_usd": 1500,
+            "credits_per_month": 10000,
+            "top_up_rate_per_100_credits_usd": 1.6,
+            "notes": "n",
+        },
+        {
+            "id": "enterprise",
+            "aliases": ["enterprise"],
+            "monthly_price_usd": None,
+            "annual_price_usd": None,
+            "credits_per_month": None,
+            "top_up_rate_per_100_credits_usd": 1.1,
+            "notes": "Contact sales",
+        },
+    ]
+}
+
+
+def test_the_newer_plan_list_is_read_as_is_and_unknown_fields_are_ignored() -> None:
+    offers = parse_plan_list(NEW_LIST)
+    assert [(o.id, o.billing, o.price_usd) for o in offers] == [
+        ("creator", "monthly", 50),
+        ("creator_annual", "annual", 480),
+    ]
+
+
+def test_the_older_plan_list_becomes_one_offer_per_purchasable_id() -> None:
+    offers = parse_plan_list(OLD_LIST)
+    assert [(o.id, o.billing, o.price_usd) for o in offers] == [
+        ("creator", "monthly", 50),
+        ("creator_annual", "annual", 500),
+        ("professional", "monthly", 150),
+        ("professional_annual", "annual", 1500),
+    ]
+    assert offers[2].aliases == ["pro"]  # enterprise has no price: not offered
+
+
+@pytest.mark.parametrize(
+    ("body", "balance", "enabled"),
+    [
+        (
+            {
+                "organization_id": "o",
+                "balance": 1840,
+                "plan": "creator",
+                "plan_id": "creator_annual",
+                "auto_topup": {
+                    "eligible": True,
+                    "enabled": True,
+                    "threshold": 1000,
+                    "quantity": 5000,
+                },
+            },
+            1840,
+            True,
+        ),
+        (
+            {
+                "organization_id": "o",
+                "credits": {
+                    "balance": 12,
+                    "unlimited": False,
+                    "usage": 1,
+                    "included_usage": 2,
+                    "next_reset_at": None,
+                },
+                "plan": "creator",
+            },
+            12,
+            None,
+        ),
+        (
+            {
+                "credits": {
+                    "balance": 3,
+                    "auto_topup": {"enabled": True, "threshold": 1, "quantity": 2},
+                }
+            },
+            3,
+            True,
+        ),
+    ],
+)
+def test_both_credit_shapes_are_read(body: dict, balance: int, enabled: bool | None) -> None:
+    credits = parse_credits(body)
+    assert credits.balance == balance
+    assert (credits.auto_topup.enabled if credits.auto_topup else None) == enabled
+
+
+@pytest.mark.parametrize(
+    ("plan", "paid"),
+    [
+        (None, False),
+        ({"id": "creator", "family": "creator", "status": "active"}, True),
+        ({"id": "pro", "status": "active"}, True),
+        ({"id": "creator", "status": "canceled"}, False),
+        ({"id": "free", "status": "active"}, False),
+        ({"id": None, "status": "active"}, False),
+        ({"id": "professional_annual"}, True),
+    ],
+)
+def test_a_plan_is_paid_only_when_active_and_named(plan: dict | None, paid: bool) -> None:
+    assert PlanState.model_validate({"plan": plan, "extra": 1}).is_paid is paid
+
+
+@pytest.mark.parametrize(
+    ("payload", "blocked"),
+    [
+        ({"needs_credits": True}, True),
+        ({"needsCredits": True}, True),
+        ({"needs_credits": False, "nodes": [{"needs_credits": True}]}, True),
+        ({"updated_nodes": [{"needsCredits": True}]}, True),
+        ({"needs_credits": False, "nodes": [{"needs_credits": False}]}, False),
+        ({"status": "failed"}, False),
+    ],
+)
+def test_either_spelling_on_the_run_or_a_node_means_blocked(payload: dict, blocked: bool) -> None:
+    assert needs_credits(payload) is blocked
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@respx.mock
+async def test_errors_carry_status_detail_and_retry_after() -> None:
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    respx.get(f"{BASE}/plan").mock(
+        side_effect=[
+            httpx.Response(429, json={"detail": "slow down"}, headers={"Retry-After": "2"}),
+            httpx.Response(503, text="<html>bad gateway</html>", headers={"Retry-After": later}),
+            httpx.Response(200, text="not json"),
+            httpx.Response(200, json={"plan": "should be an object"}),
+            httpx.Response(401, json={"detail": "bad key"}),
+        ]
+    )
+    async with httpx.AsyncClient() as http:
+        client = MosaicClient(http, BASE)
+        with pytest.raises(MosaicError) as limited:
+            await client.get_plan("mk_x")
+        assert (limited.value.status, limited.value.detail, limited.value.retry_after) == (
+            429,
+            "slow down",
+            2.0,
+        )
+        assert limited.value.transient
+        with pytest.raises(MosaicError) as down:
+            await client.get_plan("mk_x")
+        assert down.value.transient
+        assert down.value.retry_after is not None
+        assert 25 < down.value.retry_after <= 30
+        for _ in range(2):  # a 200 that is not what the docs describe is Mosaic's fault (502)
+            with pytest.raises(MosaicError) as odd:
+                await client.get_plan("mk_x")
+            assert odd.value.status == 502
+        with pytest.raises(MosaicError) as refused:
+            await client.get_plan("mk_x")
+        assert not refused.value.transient
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@respx.mock
+async def test_no_answer_at_all_is_transient_and_names_no_secret() -> None:
+    respx.post(url__regex=rf"{BASE}/agent_run/.*/resume").mock(
+        side_effect=httpx.ConnectError("refused")
+    )
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(MosaicError) as failed:
+            await MosaicClient(http, BASE).resume_run("mk_secret_key", "run/../x")
+    assert failed.value.status is None
+    assert failed.value.transient
+    assert "mk_secret_key" not in str(failed.value)
+    # The run id is kept to one path segment.
+    assert respx.calls.last.request.url.raw_path == b"/agent_run/run%2F..%2Fx/resume"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import secrets
+import signal
 import sys
 from typing import Any
 
@@ -183,9 +185,21 @@ async def run_dev(*, port: int, sandbox_port: int, runs: int) -> None:
         print(banner(settings, sandbox_url, demo), flush=True)
         await serving
     finally:
+        # Stop the sandbox first, without awaiting: on Ctrl-C this block runs while the task is
+        # being cancelled, and a sandbox left behind keeps retrying webhooks to a dead service.
+        if sandbox.returncode is None:
+            sandbox.terminate()
         server.should_exit = True
         with contextlib.suppress(Exception):
             await serving
-        if sandbox.returncode is None:
-            sandbox.terminate()
-            await sandbox.wait()
+        try:
+            await asyncio.wait_for(sandbox.wait(), 3)
+        except TimeoutError:
+            sandbox.kill()
+
+
+def _die_with_parent() -> None:
+    """Linux: the sandbox gets SIGTERM if `unblock dev` dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

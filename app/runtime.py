@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -17,6 +18,9 @@ from app.mosaic import MosaicClient, make_http_client
 from app.notifications import Listener
 from app.settings import Settings
 
+KEY_CACHE_SECONDS = 60
+KEY_CACHE_SIZE = 10_000
+
 
 @dataclass
 class Runtime:
@@ -28,6 +32,8 @@ class Runtime:
     listener: Listener
     # In-flight immediate attempts that outlived their request's deadline; kept so they finish.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Decrypted Mosaic keys for a short while: every step needs one, and keys rarely change.
+    _keys: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:
@@ -50,13 +56,21 @@ class Runtime:
         task.add_done_callback(self.background.discard)
 
     async def mosaic_key(self, account_id: uuid.UUID) -> str:
+        now = time.monotonic()
+        cached = self._keys.get(account_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         async with self.db.sessions() as session:
             token = await session.scalar(
                 select(Account.mosaic_api_key_encrypted).where(Account.id == account_id)
             )
         if token is None:
             raise LookupError(f"account {account_id} is gone")
-        return self.keyring.decrypt(token)
+        key = self.keyring.decrypt(token)
+        if len(self._keys) > KEY_CACHE_SIZE:
+            self._keys.clear()
+        self._keys[account_id] = (now + KEY_CACHE_SECONDS, key)
+        return key
 
     async def close(self) -> None:
         if self.background:

@@ -42,7 +42,8 @@ class Job(Base):
             unique=True,
             postgresql_where=text("status = 'pending' AND blocked_run_id IS NOT NULL"),
         ),
-        Index("ix_jobs_due", "run_after", postgresql_where=text("status = 'pending'")),
+        # Claims take due jobs in (run_after, id) order.
+        Index("ix_jobs_due", "run_after", "id", postgresql_where=text("status = 'pending'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -20,7 +20,7 @@ from app.blocked_runs.state_machine import (
     transition,
     update_fields,
 )
-from app.blocked_runs.steps import enqueue_step, organization_topup_answered
+from app.blocked_runs.steps import organization_topup_answered
 from app.errors import InvalidInput
 from app.runtime import Runtime
 from app.work_queue import JobKind, cancel_pending, enqueue
@@ -35,9 +35,9 @@ async def open_blocked_run(
     agent_id: str | None,
     actor: str,
     reason: str,
-) -> BlockedRun | None:
+) -> uuid.UUID | None:
     """Open an episode and record its first step (GET /plan); None if one is open already."""
-    run = await open_episode(
+    opened = await open_episode(
         session,
         account_id=account_id,
         run_id=run_id,
@@ -45,10 +45,15 @@ async def open_blocked_run(
         actor=actor,
         reason=reason,
     )
-    if run is not None:
-        await enqueue_step(rt, session, run, JobKind.CHECK_PLAN)
-        await session.refresh(run)
-    return run
+    if opened is not None:
+        await enqueue(
+            session,
+            JobKind.CHECK_PLAN,
+            account_id=account_id,
+            blocked_run_id=opened,
+            give_up_after=rt.settings.give_up_after,
+        )
+    return opened
 
 
 async def register(
@@ -56,7 +61,7 @@ async def register(
 ) -> tuple[BlockedRun, bool]:
     """An internal service reports a credit-blocked run: (run, created)."""
     async with rt.db.transaction() as session:
-        run = await open_blocked_run(
+        opened = await open_blocked_run(
             rt,
             session,
             account_id=account_id,
@@ -65,8 +70,8 @@ async def register(
             actor=actor,
             reason="registered by an internal service",
         )
-        if run is not None:
-            return run, True
+        if opened is not None:
+            return await session.get_one(BlockedRun, opened), True
         existing = await repository.open_episode_for(session, account_id, run_id)
         if existing is None:  # closed between our insert and this read: rare, ask to retry
             raise IllegalTransition("The run changed concurrently; try again.")

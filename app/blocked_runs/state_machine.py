@@ -181,8 +181,8 @@ async def open_episode(
     agent_id: str | None,
     actor: str,
     reason: str,
-) -> BlockedRun | None:
-    """Insert a blocked run in its first state; None when the run already has an open episode."""
+) -> uuid.UUID | None:
+    """Insert a blocked run in its first state; its id, or None if an episode is open already."""
     state = target_of(None, Event.BLOCKED)
     new_id = uuid.uuid4()
     stmt = (
@@ -195,7 +195,7 @@ async def open_episode(
     if created is None:
         return None
     await _record(session, new_id, None, state, Event.BLOCKED, actor, reason)
-    return await session.get_one(BlockedRun, new_id)
+    return new_id
 
 
 async def transition(

@@ -114,9 +114,12 @@ async def _act(
     agent_id = payload.get("agent_id")
 
     if flag == "RUN_FINISHED" and needs_credits(payload):
+        opened = await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
+        if opened is Outcome.ACCEPTED:
+            return opened
         episode = await repository.open_episode_for(session, account_id, run_id)
         if episode is None or episode.state != State.RESUMING:
-            return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
+            return Outcome.DUPLICATE
         # We are resuming this run: the event is either a late copy of the failure we are
         # handling or the run blocking again right after the resume. Mosaic decides, later.
     if flag == "RUN_FINISHED" and (status == "failed" or needs_credits(payload)):
@@ -152,7 +155,7 @@ async def _open(
     agent_id: str | None,
     reason: str,
 ) -> Outcome:
-    run = await open_blocked_run(
+    opened = await open_blocked_run(
         rt,
         session,
         account_id=account_id,
@@ -161,7 +164,7 @@ async def _open(
         actor=MOSAIC,
         reason=reason,
     )
-    return Outcome.ACCEPTED if run is not None else Outcome.DUPLICATE
+    return Outcome.ACCEPTED if opened is not None else Outcome.DUPLICATE
 
 
 async def verify_run(rt: Runtime, job: ClaimedJob) -> None:

@@ -90,6 +90,23 @@ async def test_unknown_account_is_404(client: httpx.AsyncClient, tenant: Tenant)
         (json.dumps({"flag": "RUN_FINISHED", "run_id": ["r1"]}).encode(), 422),
         (json.dumps({"flag": "RUN_FINISHED", "run_id": "r1", "status": 3}).encode(), 422),
         (b"\xff\xfe\x00", 400),
+        (b'{"flag": "RUN_FINISHED", "run_id": "r\\u0000x", "needs_credits": true}', 400),
+        (b'{"flag": "RUN_FINISHED", "run_id": "r1", "needs_credits": NaN}', 400),
+        (
+            b'{"flag": "RUN_FINISHED", "run_id": "r1", "x": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            400,
+        ),
+        (
+            json.dumps(
+                {"flag": "RUN_FINISHED", "run_id": "r" * 201, "needs_credits": True}
+            ).encode(),
+            422,
+        ),
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": "r1", "agent_id": "a" * 201}).encode(), 422),
+        (b"x" * 1_000_001, 413),
     ],
 )
 async def test_malformed_bodies_are_4xx_never_5xx(

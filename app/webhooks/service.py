@@ -42,19 +42,34 @@ class MalformedWebhook(DomainError):
     code = "malformed_webhook"
 
 
+# Longest values the inbox and blocked runs store; longer ones are refused, not cut.
+FIELD_LIMITS = {"flag": 64, "run_id": 200, "agent_id": 200, "status": 64}
+
+
+def _no_constants(name: str) -> None:
+    # NaN and Infinity are not JSON, and PostgreSQL's jsonb refuses them.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_event(raw: bytes) -> dict[str, Any]:
+    """The event as a dict, or a 4xx naming what is wrong (never a 5xx from the database)."""
+    if b"\x00" in raw or b"\\u0000" in raw:
+        raise MalformedWebhook("NUL characters cannot be stored.", status=400, code="invalid_json")
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
         raise MalformedWebhook("The body is not JSON.", status=400, code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise MalformedWebhook("The body must be a JSON object.")
     for field in ("flag", "run_id"):
         if not isinstance(payload.get(field), str) or not payload[field].strip():
             raise MalformedWebhook(f"The event needs a string `{field}`.")
-    for field in ("agent_id", "status"):
-        if payload.get(field) is not None and not isinstance(payload[field], str):
+    for field, limit in FIELD_LIMITS.items():
+        value = payload.get(field)
+        if value is not None and not isinstance(value, str):
             raise MalformedWebhook(f"`{field}` must be a string.")
+        if value is not None and len(value) > limit:
+            raise MalformedWebhook(f"`{field}` is longer than {limit} characters.")
     return payload
 
 
@@ -85,8 +100,8 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
             .values(
                 account_id=account_id,
                 dedup_key=dedup_key(payload, generation),
-                flag=payload["flag"][:64],
-                run_id=run_id[:200],
+                flag=payload["flag"],
+                run_id=run_id,
                 payload=payload,
                 raw_body=raw.decode("utf-8", errors="replace"),
                 outcome="received",

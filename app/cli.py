@@ -81,15 +81,16 @@ def run_worker(
     from app.worker import Worker
 
     _logging()
-    if metrics_port is not None:
-        start_http_server(metrics_port)
+    settings = get_settings()
 
     async def main() -> None:
-        rt = await Runtime.start(get_settings())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        rt = await Runtime.start(settings)
+        if metrics_port is not None:  # up once the worker can run, so it doubles as liveness
+            start_http_server(metrics_port)
         try:
             await Worker(rt).run(stop)
         finally:

@@ -15,6 +15,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
 
 from app.accounts.secrets import Keyring
+from app.auth import mint_token
 from conftest import ENCRYPTION_KEY, JWT_SECRET, eventually, free_port, fresh_database
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -116,3 +117,37 @@ async def test_worker_serves_metrics_and_stops_cleanly_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_migrate_then_serve_as_a_deployment_starts_it() -> None:
+    """What the acceptance harness and the manifests do: `unblock migrate`, then `unblock serve`."""
+    url = await fresh_database("cli_serve", migrate=False)
+    port = free_port()
+    env = env_for(url, UNBLOCK_PUBLIC_URL=f"http://127.0.0.1:{port}")
+    code, _, err = await unblock("migrate", env=env)
+    assert code == 0, err
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), env=env
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def ready() -> bool:
+                try:
+                    return (await client.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=30, what="the service to be ready")
+            admin = mint_token(JWT_SECRET, sub="ops", scopes=["accounts:admin"])
+            created = await client.post(
+                "/v1/accounts",
+                headers={"Authorization": f"Bearer {admin}"},
+                json={"name": "Deployed", "mosaic_api_key": "mk_deployed"},
+            )
+            assert created.status_code == 201
+            assert created.json()["webhook_url"].startswith(f"http://127.0.0.1:{port}/v1/")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert await asyncio.wait_for(proc.wait(), 20) in (0, -signal.SIGTERM)

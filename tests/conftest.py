@@ -282,6 +282,38 @@ async def tenant(client: httpx.AsyncClient, mosaic: httpx.AsyncClient) -> Tenant
     return await make_tenant(client, mosaic)
 
 
+def finished_event(run_id: str, **extra: Any) -> dict[str, Any]:
+    """A RUN_FINISHED as Mosaic sends it for a credit-blocked run (override any field)."""
+    event = {
+        "flag": "RUN_FINISHED",
+        "agent_id": "agent-7",
+        "run_id": run_id,
+        "status": "failed",
+        "status_message": "Insufficient credits",
+        "node_status_counts": {"completed": 1, "in_progress": 0, "failed": 1},
+        "needs_credits": True,
+        "errors": [],
+        "inputs": [],
+        "outputs": [],
+        "triggered_by": None,
+    }
+    return event | extra
+
+
+async def deliver(
+    client: httpx.AsyncClient, tenant: Tenant, body: Any, *, signature: str | None = None
+) -> httpx.Response:
+    """POST a webhook as Mosaic would, signed with the tenant's secret unless told otherwise."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    sig = tenant.webhook_secret if signature is None else signature
+    if sig:
+        headers["X-Mosaic-Signature"] = sig
+    return await client.post(
+        f"/v1/webhooks/mosaic/{tenant.account_id}", content=raw, headers=headers
+    )
+
+
 async def start_mosaic_run(
     mosaic: httpx.AsyncClient, tenant: Tenant, agent: str = "agent-1", *, report: bool = True
 ) -> str:

@@ -14,28 +14,11 @@ import httpx
 import pytest
 
 from app.main import openapi_document
-from conftest import Tenant, blocked_run_for, make_tenant, wait_for_state
+from conftest import Tenant, blocked_run_for, finished_event, make_tenant, wait_for_state
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
-
-
-def finished_event(run_id: str, **extra: Any) -> dict[str, Any]:
-    event = {
-        "flag": "RUN_FINISHED",
-        "agent_id": "agent-7",
-        "run_id": run_id,
-        "status": "failed",
-        "status_message": "Insufficient credits",
-        "node_status_counts": {"completed": 1, "in_progress": 0, "failed": 1},
-        "needs_credits": True,
-        "errors": [],
-        "inputs": [],
-        "outputs": [],
-        "triggered_by": None,
-    }
-    return event | extra
 
 
 async def block_run(client: httpx.AsyncClient, tenant: Tenant) -> str:

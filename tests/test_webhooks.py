@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +14,9 @@ from conftest import (
     Service,
     Tenant,
     blocked_run_for,
+    deliver,
     eventually,
+    finished_event,
     make_tenant,
     mosaic_calls,
     start_mosaic_run,
@@ -23,36 +24,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def finished_event(run_id: str, **extra: Any) -> dict[str, Any]:
-    event = {
-        "flag": "RUN_FINISHED",
-        "agent_id": "agent-9",
-        "run_id": run_id,
-        "status": "failed",
-        "status_message": "Insufficient credits",
-        "node_status_counts": {"completed": 1, "in_progress": 0, "failed": 1},
-        "needs_credits": True,
-        "errors": [],
-        "inputs": [],
-        "outputs": [],
-        "triggered_by": None,
-    }
-    return event | extra
-
-
-async def deliver(
-    client: httpx.AsyncClient, tenant: Tenant, body: Any, *, signature: str | None = None
-) -> httpx.Response:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    sig = tenant.webhook_secret if signature is None else signature
-    if sig:
-        headers["X-Mosaic-Signature"] = sig
-    return await client.post(
-        f"/v1/webhooks/mosaic/{tenant.account_id}", content=raw, headers=headers
-    )
 
 
 async def test_wrong_or_missing_signature_is_refused_and_nothing_is_stored(
@@ -133,7 +104,7 @@ async def test_concurrent_duplicate_deliveries_open_one_blocked_run(
     assert other.json()["status"] == "duplicate"
     listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
     assert len(listed.json()["items"]) == 1
-    assert listed.json()["items"][0]["agent_id"] == "agent-9"
+    assert listed.json()["items"][0]["agent_id"] == "agent-7"
 
 
 async def test_camel_case_flag_on_a_node_marks_the_run_blocked(

@@ -33,7 +33,6 @@ from app.work_queue import (
     LeaseLost,
     NotYet,
     backoff,
-    cancel_pending,
     claim_due,
     claim_job,
     finish,
@@ -222,7 +221,6 @@ class Worker:
                 .all()
             )
             for run in stale:
-                await cancel_pending(session, run.id)
                 await transition(
                     session,
                     run,

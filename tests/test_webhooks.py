@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from app.work_queue import claim_due
 from conftest import (
     Service,
     Tenant,
@@ -17,6 +18,7 @@ from conftest import (
     deliver,
     eventually,
     finished_event,
+    isolated_stack,
     make_tenant,
     mosaic_calls,
     start_mosaic_run,
@@ -199,3 +201,20 @@ async def test_failure_that_mosaic_says_is_not_about_credits_opens_nothing(
     assert ("GET", f"/agent_run/{run_id}") in await mosaic_calls(mosaic, tenant)
     listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
     assert listed.json()["items"] == []
+
+
+async def test_closing_an_episode_drops_its_pending_step_so_mosaic_is_not_called() -> None:
+    async with isolated_stack("closed_episode", worker=False) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic)
+        run_id = f"run-{uuid.uuid4()}"
+        await deliver(stack.client, tenant, finished_event(run_id))
+        blocked = await blocked_run_for(stack.client, tenant, run_id)
+        assert blocked["pending"] is True  # GET /plan is recorded, no worker has run it yet
+        started = {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"}
+        assert (await deliver(stack.client, tenant, started)).json()["status"] == "accepted"
+        closed = await stack.client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)
+        assert closed.json()["state"] == "resumed"
+        assert closed.json()["pending"] is False
+        rt = stack.service.runtime
+        assert await claim_due(rt.db, "a-worker", limit=10, lease=rt.settings.job_lease) == []
+        assert await mosaic_calls(stack.mosaic, tenant) == []

@@ -23,7 +23,7 @@ from app.blocked_runs.state_machine import (
 from app.blocked_runs.steps import organization_topup_answered
 from app.errors import InvalidInput
 from app.runtime import Runtime
-from app.work_queue import JobKind, cancel_pending, enqueue
+from app.work_queue import JobKind, enqueue
 
 
 async def open_blocked_run(
@@ -159,7 +159,6 @@ async def cancel(rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID, 
     async with rt.db.transaction() as session:
         run = await repository.get_for_account(session, account_id, blocked_run_id, lock=True)
         require_action(run, Action.CANCEL)
-        await cancel_pending(session, run.id)
         await transition(session, run, Event.CANCEL, actor=actor, reason="cancelled")
 
 

@@ -19,6 +19,7 @@ from app import metrics
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.errors import Conflict
 from app.notifications import RUN_EVENTS_CHANNEL, notify
+from app.work_queue import cancel_pending
 
 
 class State(StrEnum):
@@ -231,6 +232,10 @@ async def transition(
         raise IllegalTransition(
             f"The run changed concurrently; it is now {current}.", state=current
         )
+    if target in TERMINAL_STATES:
+        # Nothing is left to do for this episode: an in-flight step loses its lease and its
+        # outcome, and no further Mosaic call is made for it.
+        await cancel_pending(session, run.id)
     await _record(session, run.id, run.state, target, event, actor, reason)
     await session.refresh(run)
     return run

@@ -101,8 +101,13 @@ async def test_a_claim_whose_worker_died_before_calling_mosaic_is_finished_after
 async def test_a_crash_mid_resume_does_not_resume_the_run_twice() -> None:
     async with isolated_stack("crash_mid_resume", worker=False, action_deadline=0.3) as stack:
         tenant = await make_tenant(stack.client, stack.mosaic, plan_id="creator", balance=0)
-        run_id = await start_mosaic_run(stack.mosaic, tenant)
-        blocked = await blocked_run_for(stack.client, tenant, run_id)
+        # No webhooks for this run (a RUN_STARTED would close the episode by itself): the only
+        # way unblock learns the resume landed is its own retry, answered 409, and a re-read.
+        run_id = await start_mosaic_run(stack.mosaic, tenant, report=False)
+        registered = await stack.client.post(
+            "/v1/blocked-runs", json={"run_id": run_id}, headers=tenant.service_headers
+        )
+        blocked = registered.json()
         async with worker_process(stack):
             await wait_for_state(stack.client, tenant, blocked["id"], "topup_prompt")
 

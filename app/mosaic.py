@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app import metrics
 from app.settings import Settings
@@ -42,6 +42,12 @@ class PlanState(MosaicModel):
     organization_id: str | None = None
     plan: Plan | None = None
     scheduled_plan: Plan | None = None
+
+    @field_validator("plan", "scheduled_plan", mode="before")
+    @classmethod
+    def _bare_id(cls, value: Any) -> Any:
+        # Tolerate a plan given as its bare id ("free", "creator").
+        return {"id": value} if isinstance(value, str) else value
 
     @property
     def is_paid(self) -> bool:
@@ -128,6 +134,11 @@ class AutoTopup(MosaicModel):
     threshold: float = 0
     quantity: float = 0
 
+    @field_validator("enabled", "threshold", "quantity", mode="before")
+    @classmethod
+    def _null_is_off(cls, value: Any) -> Any:
+        return 0 if value is None else value
+
 
 class Credits(MosaicModel):
     organization_id: str | None = None
@@ -150,30 +161,39 @@ def parse_credits(body: dict[str, Any]) -> Credits:
     return credits
 
 
+def _is_true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
 def _flagged(obj: dict[str, Any]) -> bool:
-    return bool(obj.get("needs_credits") or obj.get("needsCredits"))
+    return _is_true(obj.get("needs_credits")) or _is_true(obj.get("needsCredits"))
 
 
-class AgentRun(MosaicModel):
+class _Flagged(MosaicModel):
+    needs_credits: bool = Field(
+        default=False, validation_alias=AliasChoices("needs_credits", "needsCredits")
+    )
+
+    @field_validator("needs_credits", mode="before")
+    @classmethod
+    def _lax_flag(cls, value: Any) -> bool:
+        return _is_true(value)
+
+
+class AgentRun(_Flagged):
     agent_id: str | None = None
     status: str | None = None
     status_message: str | None = None
-    needs_credits: bool = Field(
-        default=False, validation_alias=AliasChoices("needs_credits", "needsCredits")
-    )
 
 
-class RunNode(MosaicModel):
+class RunNode(_Flagged):
     agent_node_id: str | None = None
     status: str | None = None
     status_message: str | None = None
-    needs_credits: bool = Field(
-        default=False, validation_alias=AliasChoices("needs_credits", "needsCredits")
-    )
 
 
 def needs_credits(payload: dict[str, Any]) -> bool:
-    """Either spelling, on the run or on any node/error entry, marks a run credit-blocked."""
+    """Either spelling, on the run or on any node, marks a run credit-blocked."""
     if _flagged(payload):
         return True
     for key in ("nodes", "updated_nodes"):
@@ -187,28 +207,50 @@ class MosaicError(Exception):
     """A Mosaic call that did not succeed. status None means no HTTP answer at all."""
 
     def __init__(
-        self, status: int | None, detail: str, *, retry_after: float | None = None
+        self,
+        status: int | None,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        unexpected_shape: bool = False,
     ) -> None:
         super().__init__(f"Mosaic answered {status}: {detail}" if status else detail)
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        self.unexpected_shape = unexpected_shape
 
     @property
     def transient(self) -> bool:
+        # An answer in a shape we cannot read will not read better next time; re-sending a
+        # POST because of it could even buy twice.
+        if self.unexpected_shape:
+            return False
         return self.status is None or self.status in {408, 425, 429} or self.status >= 500
 
 
+def _shape_error(endpoint: str) -> MosaicError:
+    return MosaicError(502, f"{endpoint} answered an unexpected shape", unexpected_shape=True)
+
+
+MAX_RETRY_AFTER = 3600.0
+
+
 def _retry_after(value: str | None) -> float | None:
+    """Seconds or an HTTP date; nonsense is ignored and an hour is the most we wait."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        if when is None:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
             return None
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -262,7 +304,9 @@ class MosaicClient:
             try:
                 return response.json()
             except ValueError as exc:
-                raise MosaicError(502, f"{method} {endpoint} answered non-JSON") from exc
+                raise MosaicError(
+                    502, f"{endpoint} answered non-JSON", unexpected_shape=True
+                ) from exc
         raise MosaicError(
             response.status_code,
             _detail(response),
@@ -274,7 +318,7 @@ class MosaicClient:
         try:
             return model.model_validate(body)
         except ValidationError as exc:
-            raise MosaicError(502, f"{endpoint} answered an unexpected shape") from exc
+            raise _shape_error(endpoint) from exc
 
     async def get_plan(self, api_key: str) -> PlanState:
         body = await self._call("GET /plan", "GET", "/plan", api_key)
@@ -285,7 +329,7 @@ class MosaicClient:
         try:
             return parse_plan_list(body)
         except ValidationError as exc:
-            raise MosaicError(502, "GET /plan/list answered an unexpected shape") from exc
+            raise _shape_error("GET /plan/list") from exc
 
     async def upgrade_plan(
         self,
@@ -306,11 +350,11 @@ class MosaicClient:
     async def get_credits(self, api_key: str) -> Credits:
         body = await self._call("GET /credits", "GET", "/credits", api_key)
         if not isinstance(body, dict):
-            raise MosaicError(502, "GET /credits answered an unexpected shape")
+            raise _shape_error("GET /credits")
         try:
             return parse_credits(body)
         except ValidationError as exc:
-            raise MosaicError(502, "GET /credits answered an unexpected shape") from exc
+            raise _shape_error("GET /credits") from exc
 
     async def set_auto_topup(
         self, api_key: str, *, enabled: bool, threshold: int, quantity: int

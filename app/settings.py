@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     action_deadline: Duration = timedelta(seconds=3)
     decision_ttl: Duration = timedelta(days=7)
     max_resumes: int = Field(default=3, ge=1)
+    # Resumes older than this no longer count toward max_resumes ("blocks again right after").
+    resume_window: Duration = timedelta(hours=1)
     webhook_retention: Duration = timedelta(days=7)
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, text
 from app import metrics
 from app.blocked_runs import repository
 from app.blocked_runs.models import BlockedRun, Job
-from app.blocked_runs.state_machine import WAITING_STATES, Event, State, transition
+from app.blocked_runs.state_machine import ACTIVE_STATES, WAITING_STATES, Event, transition
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL
@@ -53,7 +53,9 @@ def new_worker_id() -> str:
 async def execute(rt: Runtime, job: ClaimedJob) -> None:
     """Run one claimed job to an outcome: done, rescheduled, or given up."""
     try:
-        await STEPS[job.kind](rt, job)
+        # A step must end well inside its lease, or another worker could repeat its calls.
+        async with asyncio.timeout(rt.settings.job_lease.total_seconds() * 0.8):
+            await STEPS[job.kind](rt, job)
         metrics.JOBS.labels(job.kind, "done").inc()
     except LeaseLost:
         metrics.JOBS.labels(job.kind, "lease_lost").inc()
@@ -66,12 +68,18 @@ async def execute(rt: Runtime, job: ClaimedJob) -> None:
         else:
             code = "mosaic_unavailable" if exc.transient else "mosaic_rejected"
             await give_up(rt, job, code, str(exc))
+    except TimeoutError:
+        if datetime.now(UTC) < job.give_up_at:
+            await _retry_later(rt, job, "the step took too long", None)
+        else:
+            await give_up(rt, job, "mosaic_unavailable", "Mosaic kept answering too slowly.")
     except Exception as exc:
+        # The details go to the log (and jobs.last_error), never to the person reading the run.
         log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
         if datetime.now(UTC) < job.give_up_at:
             await _retry_later(rt, job, f"{type(exc).__name__}: {exc}", None)
         else:
-            await give_up(rt, job, "internal_error", f"{type(exc).__name__}: {exc}")
+            await give_up(rt, job, "internal_error", "an internal error; operators have the log")
 
 
 async def _retry_later(rt: Runtime, job: ClaimedJob, error: str, retry_after: float | None) -> None:
@@ -97,13 +105,10 @@ async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None
     log.error("job %s (%s) gave up: %s", job.id, job.kind, message)
     try:
         async with rt.db.transaction() as session:
+            # The run before the job, as everywhere else (cancel locks them in that order).
+            run = await repository.lock(session, job.blocked_run_id) if job.blocked_run_id else None
             await finish(session, job, status="failed")
-            if job.blocked_run_id is None:
-                return
-            run = await repository.lock(session, job.blocked_run_id)
-            if run.state in {
-                s.value for s in WAITING_STATES | {State.CHECKING_PLAN, State.RESUMING}
-            }:
+            if run is not None and run.state in ACTIVE_STATES:
                 await transition(
                     session,
                     run,

@@ -189,7 +189,7 @@ async def test_errors_carry_status_detail_and_retry_after() -> None:
             httpx.Response(429, json={"detail": "slow down"}, headers={"Retry-After": "2"}),
             httpx.Response(503, text="<html>bad gateway</html>", headers={"Retry-After": later}),
             httpx.Response(200, text="not json"),
-            httpx.Response(200, json={"plan": "should be an object"}),
+            httpx.Response(200, json={"plan": 42}),
             httpx.Response(401, json={"detail": "bad key"}),
         ]
     )
@@ -212,6 +212,7 @@ async def test_errors_carry_status_detail_and_retry_after() -> None:
             with pytest.raises(MosaicError) as odd:
                 await client.get_plan("mk_x")
             assert odd.value.status == 502
+            assert not odd.value.transient  # re-asking will not make it readable
         with pytest.raises(MosaicError) as refused:
             await client.get_plan("mk_x")
         assert not refused.value.transient
@@ -231,3 +232,32 @@ async def test_no_answer_at_all_is_transient_and_names_no_secret() -> None:
     assert "mk_secret_key" not in str(failed.value)
     # The run id is kept to one path segment.
     assert respx.calls.last.request.url.raw_path == b"/agent_run/run%2F..%2Fx/resume"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2", 2.0),
+        ("-5", 0.0),
+        ("inf", 3600.0),
+        ("1e12", 3600.0),
+        ("nan", None),
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00", None),
+        ("", None),
+    ],
+)
+def test_retry_after_is_read_defensively(value: str, seconds: float | None) -> None:
+    from app.mosaic import _retry_after
+
+    assert _retry_after(value) == seconds
+
+
+def test_lax_readings_of_plans_flags_and_topup_settings() -> None:
+    assert PlanState.model_validate({"plan": "free"}).is_paid is False
+    assert PlanState.model_validate({"plan": "creator"}).is_paid is True
+    credits = parse_credits({"auto_topup": {"enabled": None, "threshold": None, "quantity": 5}})
+    assert credits.auto_topup is not None
+    assert (credits.auto_topup.enabled, credits.auto_topup.threshold) == (False, 0)
+    assert needs_credits({"needs_credits": "false"}) is False
+    assert needs_credits({"needsCredits": "true"}) is True

@@ -7,11 +7,13 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from app.input_text import StorableStr, storable
+
 
 class AccountCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: StorableStr = Field(min_length=1, max_length=200)
     mosaic_api_key: SecretStr = Field(description="The organization's Mosaic key (mk_…).")
     webhook_secret: SecretStr | None = Field(
         default=None,
@@ -22,7 +24,7 @@ class AccountCreate(BaseModel):
     @classmethod
     def _no_blank_secrets(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            raw = value.get_secret_value()
+            raw = storable(value.get_secret_value())
             if not raw.strip() or raw != raw.strip() or len(raw) > 500:
                 raise ValueError("must be a non-empty string without surrounding spaces")
         return value

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Collection, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.models import Account
@@ -47,6 +47,11 @@ async def lock(session: AsyncSession, blocked_run_id: uuid.UUID) -> BlockedRun:
     return run
 
 
+async def lock_account(session: AsyncSession, account_id: uuid.UUID) -> None:
+    """The organization-wide mutex, taken before any run lock by decisions that fan out."""
+    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+
+
 async def open_episode_for(
     session: AsyncSession, account_id: uuid.UUID, run_id: str, *, lock: bool = False
 ) -> BlockedRun | None:
@@ -60,16 +65,41 @@ async def open_episode_for(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def count_resumed(session: AsyncSession, account_id: uuid.UUID, run_id: str) -> int:
-    """How many earlier episodes of this Mosaic run ended resumed (the resume-loop bound)."""
+async def latest_episode(
+    session: AsyncSession, account_id: uuid.UUID, run_id: str
+) -> BlockedRun | None:
+    stmt = (
+        select(BlockedRun)
+        .where(BlockedRun.account_id == account_id, BlockedRun.run_id == run_id)
+        .order_by(BlockedRun.created_at.desc())
+        .limit(1)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def recent_resumes(
+    session: AsyncSession, account_id: uuid.UUID, run_id: str, window: timedelta
+) -> int:
+    """Earlier episodes of this Mosaic run that ended resumed within `window`, counted since a
+    person last retried it (the resume-loop bound: a retry gives the run a fresh allowance)."""
+    same_run = (BlockedRun.account_id == account_id, BlockedRun.run_id == run_id)
+    last_retry = (
+        select(func.max(HistoryEntry.created_at))
+        .join(BlockedRun, BlockedRun.id == HistoryEntry.blocked_run_id)
+        .where(*same_run, HistoryEntry.event == "retry")
+        .scalar_subquery()
+    )
+    since = func.greatest(
+        func.now() - window, func.coalesce(last_retry, text("'-infinity'::timestamptz"))
+    )
     return (
         await session.scalar(
             select(func.count())
             .select_from(BlockedRun)
             .where(
-                BlockedRun.account_id == account_id,
-                BlockedRun.run_id == run_id,
+                *same_run,
                 BlockedRun.state == State.RESUMED.value,
+                BlockedRun.state_changed_at > since,
             )
         )
     ) or 0

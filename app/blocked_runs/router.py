@@ -22,6 +22,7 @@ from app.blocked_runs.schemas import (
     TopupAnswer,
 )
 from app.blocked_runs.state_machine import TERMINAL_STATES
+from app.input_text import StorableStr
 from app.notifications import RUN_EVENTS_CHANNEL
 from app.runtime import Runtime, runtime
 from app.worker import attempt_now
@@ -76,7 +77,7 @@ async def list_runs(
     principal: Reader,
     rt: RT,
     state: Annotated[str | None, Query(description="Comma-separated states.")] = None,
-    run_id: Annotated[str | None, Query(max_length=200)] = None,
+    run_id: Annotated[StorableStr | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> BlockedRunPage:

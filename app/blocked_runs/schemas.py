@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.blocked_runs.state_machine import actions_for
+from app.input_text import StorableStr
 
 MAX_TOPUP = 1_000_000
 
@@ -18,14 +19,14 @@ MAX_TOPUP = 1_000_000
 class RegisterRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run_id: str = Field(min_length=1, max_length=200, pattern=r"^\S+$")
-    agent_id: str | None = Field(default=None, max_length=200)
+    run_id: StorableStr = Field(min_length=1, max_length=200, pattern=r"^\S+$")
+    agent_id: StorableStr | None = Field(default=None, max_length=200)
 
 
 class ChoosePlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    plan_id: str = Field(min_length=1, max_length=100)
+    plan_id: StorableStr = Field(min_length=1, max_length=100)
 
 
 class TopupAnswer(BaseModel):
@@ -118,7 +119,3 @@ class BlockedRunOut(BaseModel):
 class BlockedRunPage(BaseModel):
     items: list[BlockedRunOut]
     next_cursor: str | None
-
-
-class WebhookAck(BaseModel):
-    status: Literal["accepted", "duplicate", "ignored"]

@@ -129,6 +129,7 @@ async def answer_topup(
 ) -> int:
     """Enable auto top-up (a Mosaic call) or decline it (resume at once); for the organization."""
     async with rt.db.transaction() as session:
+        await repository.lock_account(session, account_id)  # declining moves the siblings
         run = await repository.get_for_account(session, account_id, blocked_run_id, lock=True)
         require_action(run, Action.TOPUP)
         if enable:

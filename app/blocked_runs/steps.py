@@ -60,9 +60,7 @@ async def enter_resuming(
     await enqueue_step(rt, session, run, JobKind.RESUME)
 
 
-async def organization_plan_paid(
-    rt: Runtime, session: AsyncSession, decided_on: BlockedRun
-) -> None:
+async def organization_plan_paid(session: AsyncSession, decided_on: BlockedRun) -> None:
     """The organization is on a paid plan now: its other runs waiting on a plan move on too."""
     others = await repository.lock_organization_runs(
         session,
@@ -191,13 +189,19 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
     except MosaicError as exc:
         if exc.transient:
             raise
+        # Refused, perhaps because another run's upgrade got the organization there first:
+        # Mosaic's plan decides whether there is anything left to choose.
+        plan = await rt.mosaic.get_plan(api_key)
+        if plan.is_paid:
+            await _plan_paid_meanwhile(rt, job, plan)
+            return
         await _record_problem(
             rt, job, "upgrade_refused", f"Mosaic refused the upgrade to {plan_id}: {exc.detail}"
         )
         return
 
     async with rt.db.transaction() as session:
-        run = await repository.lock(session, _run_id(job))
+        run = await _lock_for_organization(session, job)
         await finish(session, job)
         if run.state not in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT):
             return
@@ -223,7 +227,7 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
             )
             return
         new_plan_id = result.plan_id or plan_id
-        plan = {"id": new_plan_id, "family": result.plan_family, "status": "active"}
+        upgraded = {"id": new_plan_id, "family": result.plan_family, "status": "active"}
         run = await transition(
             session,
             run,
@@ -231,13 +235,35 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
             actor=SYSTEM,
             reason=f"upgraded to {new_plan_id}",
             chosen_plan_id=plan_id,
-            plan={k: v for k, v in plan.items() if v is not None},
+            plan={k: v for k, v in upgraded.items() if v is not None},
             topup=topup_view(new_plan_id, None),
             checkout_url=None,
             error_code=None,
             error_message=None,
         )
-        await organization_plan_paid(rt, session, run)
+        await organization_plan_paid(session, run)
+
+
+async def _plan_paid_meanwhile(rt: Runtime, job: ClaimedJob, plan: PlanState) -> None:
+    async with rt.db.transaction() as session:
+        run = await _lock_for_organization(session, job)
+        await finish(session, job)
+        if run.state not in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT):
+            return
+        plan_id = plan.plan.id if plan.plan else None
+        run = await transition(
+            session,
+            run,
+            Event.ORG_PLAN_PAID,
+            actor=SYSTEM,
+            reason=f"the organization is on paid plan {plan_id} already",
+            plan=plan_view(plan),
+            topup=topup_view(plan_id, None),
+            checkout_url=None,
+            error_code=None,
+            error_message=None,
+        )
+        await organization_plan_paid(session, run)
 
 
 async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
@@ -245,7 +271,7 @@ async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
     api_key = await rt.mosaic_key(job.account_id)
     plan = await rt.mosaic.get_plan(api_key)
     async with rt.db.transaction() as session:
-        run = await repository.lock(session, _run_id(job))
+        run = await _lock_for_organization(session, job)
         await finish(session, job)
         if run.state != State.AWAITING_CHECKOUT:
             return
@@ -273,7 +299,7 @@ async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
             error_code=None,
             error_message=None,
         )
-        await organization_plan_paid(rt, session, run)
+        await organization_plan_paid(session, run)
 
 
 async def set_topup(rt: Runtime, job: ClaimedJob) -> None:
@@ -292,7 +318,7 @@ async def set_topup(rt: Runtime, job: ClaimedJob) -> None:
         await _record_problem(rt, job, code, f"Mosaic refused to enable auto top-up: {exc.detail}")
         return
     async with rt.db.transaction() as session:
-        run = await repository.lock(session, _run_id(job))
+        run = await _lock_for_organization(session, job)
         await finish(session, job)
         if run.state != State.TOPUP_PROMPT:
             return
@@ -322,7 +348,9 @@ async def resume(rt: Runtime, job: ClaimedJob) -> None:
     """POST resume, once; a 409 is answered by re-reading the run (it may run already)."""
     async with rt.db.sessions() as session:
         run = await session.get_one(BlockedRun, _run_id(job))
-        earlier = await repository.count_resumed(session, run.account_id, run.run_id)
+        earlier = await repository.recent_resumes(
+            session, run.account_id, run.run_id, rt.settings.resume_window
+        )
     if earlier >= rt.settings.max_resumes:
         await _finish_resume(
             rt,
@@ -381,6 +409,13 @@ async def _record_problem(rt: Runtime, job: ClaimedJob, code: str, message: str)
         run = await repository.lock(session, _run_id(job))
         await finish(session, job)
         await update_fields(session, run, error_code=code, error_message=message)
+
+
+async def _lock_for_organization(session: AsyncSession, job: ClaimedJob) -> BlockedRun:
+    """Lock the account, then the run: every transaction that may move the organization's other
+    runs takes its locks in this order, so two such decisions queue instead of deadlocking."""
+    await repository.lock_account(session, job.account_id)
+    return await repository.lock(session, _run_id(job))
 
 
 def _run_id(job: ClaimedJob) -> uuid.UUID:

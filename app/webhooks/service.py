@@ -21,7 +21,7 @@ from app.accounts.models import Account
 from app.accounts.secrets import webhook_secret_matches
 from app.blocked_runs import repository
 from app.blocked_runs.service import open_blocked_run
-from app.blocked_runs.state_machine import Event, State, transition
+from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, transition
 from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
@@ -61,6 +61,12 @@ def parse_event(raw: bytes) -> dict[str, Any]:
         raise MalformedWebhook("The body is not JSON.", status=400, code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise MalformedWebhook("The body must be a JSON object.")
+    try:  # lone surrogates ("\ud800") parse, but cannot be stored
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedWebhook(
+            "The body holds invalid Unicode.", status=400, code="invalid_json"
+        ) from exc
     for field in ("flag", "run_id"):
         if not isinstance(payload.get(field), str) or not payload[field].strip():
             raise MalformedWebhook(f"The event needs a string `{field}`.")
@@ -129,28 +135,25 @@ async def _act(
     agent_id = payload.get("agent_id")
 
     if flag == "RUN_FINISHED" and needs_credits(payload):
-        opened = await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
-        if opened is Outcome.ACCEPTED:
-            return opened
-        episode = await repository.open_episode_for(session, account_id, run_id)
-        if episode is None or episode.state != State.RESUMING:
+        latest = await repository.latest_episode(session, account_id, run_id)
+        if latest is None:  # the first we hear of this run: the flag is enough
+            return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
+        if latest.state in ACTIVE_STATES and latest.state != State.RESUMING:
             return Outcome.DUPLICATE
-        # We are resuming this run: the event is either a late copy of the failure we are
-        # handling or the run blocking again right after the resume. Mosaic decides, later.
-    if flag == "RUN_FINISHED" and (status == "failed" or needs_credits(payload)):
-        await enqueue(
-            session,
-            JobKind.VERIFY_RUN,
-            account_id=account_id,
-            payload={"run_id": run_id, "agent_id": agent_id},
-            give_up_after=rt.settings.give_up_after,
-        )
+        # The run was blocked before (or we are resuming it): this is either a late copy of
+        # the old failure or the run blocking again after a resume. Mosaic decides.
+        await _verify_later(rt, session, account_id, run_id, agent_id)
+        return Outcome.ACCEPTED
+    if flag == "RUN_FINISHED" and status == "failed":
+        await _verify_later(rt, session, account_id, run_id, agent_id)
         return Outcome.ACCEPTED
     if flag == "RUN_STARTED" or (flag == "RUN_FINISHED" and status == "completed"):
-        # The run moves again without us: whoever resumed it, this episode is over.
         episode = await repository.open_episode_for(session, account_id, run_id, lock=True)
-        if episode is None:
+        if episode is None or episode.state == State.RESUMING:
+            # While we resume it, our own step settles the outcome with Mosaic: the event may be
+            # a late copy from before the block, and must not close the episode on its own.
             return Outcome.IGNORED
+        # The run moves again without us: someone resumed it elsewhere; this episode is over.
         await transition(
             session,
             episode,
@@ -160,6 +163,18 @@ async def _act(
         )
         return Outcome.ACCEPTED
     return Outcome.IGNORED
+
+
+async def _verify_later(
+    rt: Runtime, session: AsyncSession, account_id: uuid.UUID, run_id: str, agent_id: str | None
+) -> None:
+    await enqueue(
+        session,
+        JobKind.VERIFY_RUN,
+        account_id=account_id,
+        payload={"run_id": run_id, "agent_id": agent_id},
+        give_up_after=rt.settings.give_up_after,
+    )
 
 
 async def _open(

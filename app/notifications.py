@@ -84,3 +84,9 @@ class Listener:
                 await self._keeper
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
+
+
+async def next_change_of(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
+    """Wait for a notification about this run (or a reconnect, which may have missed one)."""
+    while (await changes.get()) not in (blocked_run_id, ""):
+        pass

@@ -82,7 +82,6 @@ class Settings(BaseSettings):
     webhook_retention: Duration = timedelta(days=7)
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
-    log_level: str = "INFO"
 
     @field_validator("public_url", "mosaic_base_url")
     @classmethod

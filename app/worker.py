@@ -23,7 +23,7 @@ from app.blocked_runs.models import BlockedRun, Job
 from app.blocked_runs.state_machine import ACTIVE_STATES, WAITING_STATES, Event, transition
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
-from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL
+from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
 from app.runtime import Runtime
 from app.webhooks.models import WebhookEvent
 from app.webhooks.service import verify_run
@@ -147,12 +147,7 @@ async def attempt_now(rt: Runtime, job_id: int, blocked_run_id: uuid.UUID) -> No
             if not pending:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_next_for(changes, str(blocked_run_id)), remaining)
-
-
-async def _next_for(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
-    while (await changes.get()) not in (blocked_run_id, ""):
-        pass
+                await asyncio.wait_for(next_change_of(changes, str(blocked_run_id)), remaining)
 
 
 class Worker:

@@ -115,3 +115,10 @@ async def test_a_stale_version_is_refused_and_leaves_no_history(
         assert count == 1  # only the opening entry
         current = await session.get_one(BlockedRun, run_id)
         assert current.state != "cancelled"
+
+
+def test_the_open_episode_index_names_exactly_the_active_states() -> None:
+    from app.blocked_runs.models import ACTIVE_STATES_SQL
+
+    named = {s.strip(" '") for s in ACTIVE_STATES_SQL.strip("()").split(",")}
+    assert named == {s.value for s in ACTIVE_STATES}

@@ -23,7 +23,7 @@ from app.blocked_runs.schemas import (
 )
 from app.blocked_runs.state_machine import TERMINAL_STATES
 from app.input_text import StorableStr
-from app.notifications import RUN_EVENTS_CHANNEL
+from app.notifications import RUN_EVENTS_CHANNEL, next_change_of
 from app.runtime import Runtime, runtime
 from app.worker import attempt_now
 
@@ -179,11 +179,6 @@ async def events(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> EventS
                     return
                 with contextlib.suppress(TimeoutError):
                     # The timeout re-reads now and then, in case a notification was missed.
-                    await asyncio.wait_for(_change_of(changes, str(blocked_run_id)), 15)
+                    await asyncio.wait_for(next_change_of(changes, str(blocked_run_id)), 15)
 
     return EventSourceResponse(stream(), ping=15)
-
-
-async def _change_of(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
-    while (await changes.get()) not in (blocked_run_id, ""):
-        pass

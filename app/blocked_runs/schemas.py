@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.blocked_runs.models import BlockedRun, HistoryEntry
-from app.blocked_runs.state_machine import actions_for
+from app.blocked_runs.state_machine import State, actions_for
 from app.input_text import StorableStr
 
 MAX_TOPUP = 1_000_000
@@ -87,6 +87,7 @@ class BlockedRunOut(BaseModel):
 
     @classmethod
     def of(cls, run: BlockedRun, history: Sequence[HistoryEntry] | None = None) -> BlockedRunOut:
+        choosing = run.state in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT)
         error = (
             Problem(code=run.error_code, message=run.error_message or "")
             if run.error_code
@@ -102,9 +103,9 @@ class BlockedRunOut(BaseModel):
             actions=actions_for(run.state, pending=run.pending),
             plan=run.plan,
             # Plans are offered while a plan is being chosen; afterwards they are history.
-            plans=run.plans if run.state in ("awaiting_choice", "awaiting_checkout") else None,
+            plans=run.plans if choosing else None,
             chosen_plan_id=run.chosen_plan_id,
-            checkout_url=run.checkout_url if run.state == "awaiting_checkout" else None,
+            checkout_url=run.checkout_url if run.state == State.AWAITING_CHECKOUT else None,
             topup=Topup.model_validate(run.topup) if run.topup else None,
             error=error,
             version=run.version,

@@ -4,7 +4,7 @@
 #   docker build -t unblock .
 #   docker run --rm -p 8000:8000 -e DATABASE_URL=... -e UNBLOCK_JWT_SECRET=... \
 #       -e UNBLOCK_ENCRYPTION_KEY=... unblock                  # API + worker
-#   docker run --rm --no-healthcheck ... unblock worker       # worker only (no HTTP)
+#   docker run --rm --no-healthcheck ... unblock worker --metrics-port 9100  # worker only
 #   docker run --rm --no-healthcheck ... unblock migrate      # schema to head
 #
 # The project is installed in editable mode from /app: app/migrations.py finds the Alembic

@@ -41,8 +41,10 @@ def get_settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _logging() -> None:
-    level = os.environ.get("UNBLOCK_LOG_LEVEL", "INFO").upper()
+def _logging(settings: Settings | None = None) -> None:
+    # `dev` configures logging before its settings exist; the environment says the same then.
+    raw = settings.log_level if settings else os.environ.get("UNBLOCK_LOG_LEVEL", "INFO")
+    level = raw.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Request URLs to Mosaic are harmless, but keep httpx quiet: headers carry API keys.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -63,8 +65,9 @@ def serve(
     """Run the HTTP API (and, by default, the worker) in one process."""
     from app.main import create_app
 
-    _logging()
-    app = create_app(get_settings(), run_worker=worker)
+    settings = get_settings()
+    _logging(settings)
+    app = create_app(settings, run_worker=worker)
     uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=True)
 
 
@@ -80,8 +83,8 @@ def run_worker(
     from app.runtime import Runtime
     from app.worker import Worker
 
-    _logging()
     settings = get_settings()
+    _logging(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -108,8 +111,9 @@ def migrate(
     from app import migrations
     from app.database import resolve_database_url
 
-    _logging()
-    url = resolve_database_url(get_settings())
+    settings = get_settings()
+    _logging(settings)
+    url = resolve_database_url(settings)
     if down:
         migrations.downgrade(url, revision)
     else:

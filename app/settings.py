@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     # Resumes older than this no longer count toward max_resumes ("blocks again right after").
     resume_window: Duration = timedelta(hours=1)
     webhook_retention: Duration = timedelta(days=7)
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
 

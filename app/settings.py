@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     retry_base: Duration = timedelta(milliseconds=500)
     retry_max: Duration = timedelta(seconds=60)
     give_up_after: Duration = timedelta(hours=1)
-    action_deadline: Duration = timedelta(seconds=3)
+    action_deadline: Duration = timedelta(seconds=2)
     decision_ttl: Duration = timedelta(days=7)
     max_resumes: int = Field(default=3, ge=1)
     # Resumes older than this no longer count toward max_resumes ("blocks again right after").

@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, text, update
+from sqlalchemy import text, update
+from sqlalchemy.dialects.postgresql import Insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import wait_random_exponential
 
@@ -47,6 +49,29 @@ class ClaimedJob:
     worker_id: str
 
 
+def _new_job(
+    kind: JobKind,
+    *,
+    account_id: uuid.UUID,
+    give_up_after: timedelta,
+    blocked_run_id: uuid.UUID | None,
+    payload: dict[str, Any],
+    hold: timedelta,
+) -> Insert:
+    return pg_insert(Job).values(
+        kind=kind.value,
+        account_id=account_id,
+        blocked_run_id=blocked_run_id,
+        payload=payload,
+        run_after=text("now() + make_interval(secs => :hold)").bindparams(
+            hold=hold.total_seconds()
+        ),
+        give_up_at=text("now() + make_interval(secs => :give_up)").bindparams(
+            give_up=give_up_after.total_seconds()
+        ),
+    )
+
+
 async def enqueue(
     session: AsyncSession,
     kind: JobKind,
@@ -63,27 +88,42 @@ async def enqueue(
     that request dies, a worker takes the job when the hold ends.
     """
     hold = hold_for or timedelta(0)
-    job_id: int = (
-        await session.execute(
-            insert(Job)
-            .values(
-                kind=kind.value,
-                account_id=account_id,
-                blocked_run_id=blocked_run_id,
-                payload=payload or {},
-                run_after=text("now() + make_interval(secs => :hold)").bindparams(
-                    hold=hold.total_seconds()
-                ),
-                give_up_at=text("now() + make_interval(secs => :give_up)").bindparams(
-                    give_up=give_up_after.total_seconds()
-                ),
-            )
-            .returning(Job.id)
-        )
-    ).scalar_one()
+    stmt = _new_job(
+        kind,
+        account_id=account_id,
+        give_up_after=give_up_after,
+        blocked_run_id=blocked_run_id,
+        payload=payload or {},
+        hold=hold,
+    )
+    job_id: int = (await session.execute(stmt.returning(Job.id))).scalar_one()
     if not hold:
         await notify(session, JOBS_CHANNEL)
     return job_id
+
+
+async def enqueue_verification(
+    session: AsyncSession,
+    *,
+    account_id: uuid.UUID,
+    run_id: str,
+    agent_id: str | None,
+    give_up_after: timedelta,
+) -> None:
+    """Ask Mosaic about a run, unless a verification of it is pending already."""
+    stmt = _new_job(
+        JobKind.VERIFY_RUN,
+        account_id=account_id,
+        give_up_after=give_up_after,
+        blocked_run_id=None,
+        payload={"run_id": run_id, "agent_id": agent_id},
+        hold=timedelta(0),
+    ).on_conflict_do_nothing(
+        index_elements=[Job.account_id, text("(payload->>'run_id')")],
+        index_where=text("kind = 'verify_run' AND status = 'pending'"),
+    )
+    if (await session.execute(stmt.returning(Job.id))).scalar_one_or_none() is not None:
+        await notify(session, JOBS_CHANNEL)
 
 
 _CLAIM = """

@@ -95,7 +95,10 @@ async def test_free_organization_walks_checkout_and_topup_to_a_completed_run(
         ("topup_prompt", "resuming"),
         ("resuming", "resumed"),
     ]
-    assert detail["history"][2]["actor"] == "system"
+    # Steps a person asked for are theirs in the history; the system's own reads are its.
+    assert detail["history"][1]["actor"] == "system"
+    assert detail["history"][2]["actor"] == "user:person"
+    assert detail["history"][4]["actor"] == "user:person"
 
     async def completed() -> bool:
         return (await sandbox_run(mosaic, run_id))["status"] == "completed"

@@ -218,3 +218,18 @@ async def test_closing_an_episode_drops_its_pending_step_so_mosaic_is_not_called
         rt = stack.service.runtime
         assert await claim_due(rt.db, "a-worker", limit=10, lease=rt.settings.job_lease) == []
         assert await mosaic_calls(stack.mosaic, tenant) == []
+
+
+async def test_copies_of_one_failure_that_differ_in_a_field_ask_mosaic_once() -> None:
+    async with isolated_stack("verify_once", worker=False) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic, plan_id="creator", balance=100_000)
+        run_id = await start_mosaic_run(stack.mosaic, tenant, report=False)  # completes
+        copies = [
+            finished_event(run_id, needs_credits=None, delivery_id=str(uuid.uuid4()))
+            for _ in range(10)
+        ]
+        answers = await asyncio.gather(*(deliver(stack.client, tenant, c) for c in copies))
+        assert {a.json()["status"] for a in answers} == {"accepted"}  # each one is stored
+        rt = stack.service.runtime
+        claimed = await claim_due(rt.db, "a-worker", limit=20, lease=rt.settings.job_lease)
+        assert [job.kind for job in claimed] == ["verify_run"]

@@ -13,7 +13,14 @@ from app.auth import Principal, Scope, authenticate, requires
 from app.errors import NotFound
 from app.runtime import Runtime, runtime
 
-router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
+router = APIRouter(
+    prefix="/v1/accounts",
+    tags=["accounts"],
+    responses={
+        401: {"description": "No valid bearer token (problem+json)."},
+        403: {"description": "The token lacks accounts:admin (problem+json)."},
+    },
+)
 
 
 # exclude_none: `webhook_secret` appears only when generated, never as a null beside a supplied one.
@@ -33,7 +40,11 @@ async def create_account(
         return await service.create(session, rt.keyring, body, rt.settings.public_url)
 
 
-@router.get("/{account_id}", response_model=AccountOut)
+@router.get(
+    "/{account_id}",
+    response_model=AccountOut,
+    responses={404: {"description": "Unknown id, or an account the token may not read."}},
+)
 async def read_account(
     account_id: uuid.UUID,
     principal: Annotated[Principal, Depends(authenticate)],

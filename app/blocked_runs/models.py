@@ -42,6 +42,14 @@ class Job(Base):
             unique=True,
             postgresql_where=text("status = 'pending' AND blocked_run_id IS NOT NULL"),
         ),
+        # Copies of one failure (deliveries differing in some field) ask Mosaic once.
+        Index(
+            "uq_jobs_one_pending_verify",
+            "account_id",
+            text("(payload->>'run_id')"),
+            unique=True,
+            postgresql_where=text("kind = 'verify_run' AND status = 'pending'"),
+        ),
         # Claims take due jobs in (run_after, id) order.
         Index("ix_jobs_due", "run_after", "id", postgresql_where=text("status = 'pending'")),
     )

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import JSONResponse
@@ -27,7 +27,11 @@ from app.notifications import RUN_EVENTS_CHANNEL, next_change_of
 from app.runtime import Runtime, runtime
 from app.worker import attempt_now
 
-router = APIRouter(prefix="/v1/blocked-runs", tags=["blocked runs"])
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid bearer token (problem+json)."},
+    403: {"description": "The token lacks the scope, or names no account (problem+json)."},
+}
+router = APIRouter(prefix="/v1/blocked-runs", tags=["blocked runs"], responses=AUTH_RESPONSES)
 
 Reader = Annotated[Principal, Depends(requires(Scope.RUNS_READ))]
 Writer = Annotated[Principal, Depends(requires(Scope.RUNS_WRITE))]
@@ -91,7 +95,11 @@ async def list_runs(
     return BlockedRunPage(items=[BlockedRunOut.of(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{blocked_run_id}", response_model=BlockedRunOut)
+@router.get(
+    "/{blocked_run_id}",
+    response_model=BlockedRunOut,
+    responses={404: {"description": "Unknown id, or another account's."}},
+)
 async def read_run(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> BlockedRunOut:
     """One blocked run with its history of state changes."""
     run, history = await service.read(rt, account_of(principal), blocked_run_id)

@@ -104,7 +104,7 @@ async def choose_plan(
         await update_fields(
             session, run, chosen_plan_id=plan_id, error_code=None, error_message=None
         )
-        return await _person_step(rt, session, run, JobKind.UPGRADE_PLAN, plan_id=plan_id)
+        return await _person_step(rt, session, run, JobKind.UPGRADE_PLAN, actor, plan_id=plan_id)
 
 
 async def confirm_checkout(
@@ -114,7 +114,7 @@ async def confirm_checkout(
     async with rt.db.transaction() as session:
         run = await repository.get_for_account(session, account_id, blocked_run_id, lock=True)
         require_action(run, Action.CONFIRM_CHECKOUT)
-        return await _person_step(rt, session, run, JobKind.CONFIRM_CHECKOUT)
+        return await _person_step(rt, session, run, JobKind.CONFIRM_CHECKOUT, actor)
 
 
 async def answer_topup(
@@ -138,7 +138,7 @@ async def answer_topup(
                     "Enabling auto top-up needs threshold and quantity.", code="topup_incomplete"
                 )
             return await _person_step(
-                rt, session, run, JobKind.SET_TOPUP, threshold=threshold, quantity=quantity
+                rt, session, run, JobKind.SET_TOPUP, actor, threshold=threshold, quantity=quantity
             )
         topup = {**(run.topup or {}), "enabled": False}
         run = await transition(
@@ -151,7 +151,7 @@ async def answer_topup(
             error_code=None,
             error_message=None,
         )
-        job_id = await _person_step(rt, session, run, JobKind.RESUME)
+        job_id = await _person_step(rt, session, run, JobKind.RESUME, actor)
         await organization_topup_answered(rt, session, run)
         return job_id
 
@@ -190,19 +190,25 @@ async def retry(rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID, a
             raise IllegalTransition(
                 "This Mosaic run has another open blocked run.", code="episode_open"
             ) from exc
-        return await _person_step(rt, session, run, JobKind.CHECK_PLAN)
+        return await _person_step(rt, session, run, JobKind.CHECK_PLAN, actor)
 
 
 async def _person_step(
-    rt: Runtime, session: AsyncSession, run: BlockedRun, kind: JobKind, **payload: object
+    rt: Runtime,
+    session: AsyncSession,
+    run: BlockedRun,
+    kind: JobKind,
+    actor: str,
+    **payload: object,
 ) -> int:
-    # Held from workers while the request itself tries it (see work_queue.enqueue).
+    # Held from workers while the request itself tries it (see work_queue.enqueue). The step's
+    # transitions are recorded as the person's: they asked for them.
     return await enqueue(
         session,
         kind,
         account_id=run.account_id,
         blocked_run_id=run.id,
-        payload=dict(payload),
+        payload={**payload, "requested_by": actor},
         give_up_after=rt.settings.give_up_after,
         hold_for=rt.settings.action_deadline,
     )

@@ -53,10 +53,22 @@ async def enqueue_step(
     )
 
 
+def requested_by(job: ClaimedJob) -> str:
+    """Who a step acts for: the person whose action recorded it, else the system."""
+    return str(job.payload.get("requested_by") or SYSTEM)
+
+
 async def enter_resuming(
-    rt: Runtime, session: AsyncSession, run: BlockedRun, event: Event, reason: str, **changes: Any
+    rt: Runtime,
+    session: AsyncSession,
+    run: BlockedRun,
+    event: Event,
+    reason: str,
+    *,
+    actor: str = SYSTEM,
+    **changes: Any,
 ) -> None:
-    run = await transition(session, run, event, actor=SYSTEM, reason=reason, **changes)
+    run = await transition(session, run, event, actor=actor, reason=reason, **changes)
     await enqueue_step(rt, session, run, JobKind.RESUME)
 
 
@@ -218,7 +230,7 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
                 session,
                 run,
                 Event.CHECKOUT_REQUIRED,
-                actor=SYSTEM,
+                actor=requested_by(job),
                 reason=f"upgrade to {plan_id} needs the hosted checkout",
                 chosen_plan_id=plan_id,
                 checkout_url=result.checkout_url,
@@ -232,7 +244,7 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
             session,
             run,
             Event.UPGRADED,
-            actor=SYSTEM,
+            actor=requested_by(job),
             reason=f"upgraded to {new_plan_id}",
             chosen_plan_id=plan_id,
             plan={k: v for k, v in upgraded.items() if v is not None},
@@ -292,7 +304,7 @@ async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
             session,
             run,
             Event.CHECKOUT_CONFIRMED,
-            actor=SYSTEM,
+            actor=requested_by(job),
             reason=f"Mosaic shows paid plan {plan_id}",
             plan=plan_view(plan),
             topup=topup_view(plan_id, None),
@@ -334,6 +346,7 @@ async def set_topup(rt: Runtime, job: ClaimedJob) -> None:
             run,
             Event.TOPUP_ENABLED,
             f"auto top-up enabled: {topup['quantity']} credits below {topup['threshold']}",
+            actor=requested_by(job),
             topup=topup,
             error_code=None,
             error_message=None,

@@ -26,7 +26,7 @@ from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
 from app.webhooks.models import WebhookEvent
-from app.work_queue import ClaimedJob, JobKind, NotYet, enqueue, finish
+from app.work_queue import ClaimedJob, NotYet, enqueue_verification, finish
 
 MOSAIC = "mosaic"
 
@@ -168,11 +168,11 @@ async def _act(
 async def _verify_later(
     rt: Runtime, session: AsyncSession, account_id: uuid.UUID, run_id: str, agent_id: str | None
 ) -> None:
-    await enqueue(
+    await enqueue_verification(
         session,
-        JobKind.VERIFY_RUN,
         account_id=account_id,
-        payload={"run_id": run_id, "agent_id": agent_id},
+        run_id=run_id,
+        agent_id=agent_id,
         give_up_after=rt.settings.give_up_after,
     )
 

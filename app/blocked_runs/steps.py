@@ -256,26 +256,35 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
         await organization_plan_paid(session, run)
 
 
+async def _on_paid_plan(
+    session: AsyncSession, run: BlockedRun, plan: PlanState, event: Event, actor: str, why: str
+) -> None:
+    """A fresh GET /plan shows a paid plan: on to the top-up question, with the siblings."""
+    plan_id = plan.plan.id if plan.plan else None
+    run = await transition(
+        session,
+        run,
+        event,
+        actor=actor,
+        reason=f"{why} {plan_id}",
+        plan=plan_view(plan),
+        topup=topup_view(plan_id, None),
+        checkout_url=None,
+        error_code=None,
+        error_message=None,
+    )
+    await organization_plan_paid(session, run)
+
+
 async def _plan_paid_meanwhile(rt: Runtime, job: ClaimedJob, plan: PlanState) -> None:
     async with rt.db.transaction() as session:
         run = await _lock_for_organization(session, job)
         await finish(session, job)
         if run.state not in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT):
             return
-        plan_id = plan.plan.id if plan.plan else None
-        run = await transition(
-            session,
-            run,
-            Event.ORG_PLAN_PAID,
-            actor=SYSTEM,
-            reason=f"the organization is on paid plan {plan_id} already",
-            plan=plan_view(plan),
-            topup=topup_view(plan_id, None),
-            checkout_url=None,
-            error_code=None,
-            error_message=None,
+        await _on_paid_plan(
+            session, run, plan, Event.ORG_PLAN_PAID, SYSTEM, "the organization is on paid plan"
         )
-        await organization_plan_paid(session, run)
 
 
 async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
@@ -299,19 +308,14 @@ async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
                 ),
             )
             return
-        plan_id = plan.plan.id if plan.plan else None
-        run = await transition(
+        await _on_paid_plan(
             session,
             run,
+            plan,
             Event.CHECKOUT_CONFIRMED,
-            actor=requested_by(job),
-            reason=f"Mosaic shows paid plan {plan_id}",
-            plan=plan_view(plan),
-            topup=topup_view(plan_id, None),
-            error_code=None,
-            error_message=None,
+            requested_by(job),
+            "Mosaic shows paid plan",
         )
-        await organization_plan_paid(session, run)
 
 
 async def set_topup(rt: Runtime, job: ClaimedJob) -> None:

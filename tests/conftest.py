@@ -314,6 +314,21 @@ async def deliver(
     )
 
 
+def assert_problem(answer: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """An RFC 9457 problem with this status (and stable code); returns its body."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = answer.json()
+    assert {"type", "title", "status", "detail", "code"} <= body.keys()
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+    if code is not None:
+        assert body["code"] == code
+        assert body["type"].endswith(code)
+    return body
+
+
 async def start_mosaic_run(
     mosaic: httpx.AsyncClient, tenant: Tenant, agent: str = "agent-1", *, report: bool = True
 ) -> str:

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from app.main import openapi_document
-from conftest import Tenant, blocked_run_for, finished_event, make_tenant, wait_for_state
+from conftest import (
+    Tenant,
+    assert_problem,
+    blocked_run_for,
+    finished_event,
+    make_tenant,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -38,17 +45,6 @@ async def awaiting_choice(client: httpx.AsyncClient, tenant: Tenant) -> dict[str
     """A blocked run of a free organization, waiting for a person to choose a plan."""
     blocked = await blocked_run_for(client, tenant, await block_run(client, tenant))
     return await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
-
-
-def assert_problem(answer: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = answer.json()
-    assert {"type", "title", "status", "detail", "code"} <= body.keys()
-    assert body["status"] == status
-    if code is not None:
-        assert body["code"] == code
-    return body
 
 
 async def listing(

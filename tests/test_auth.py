@@ -28,6 +28,7 @@ from conftest import (
     ENCRYPTION_KEY,
     JWT_SECRET,
     Tenant,
+    assert_problem,
     bearer,
     blocked_run_for,
     make_tenant,
@@ -35,21 +36,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
-
-
-def assert_problem(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = answer.json()
-    assert body.keys() >= PROBLEM_FIELDS
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"].endswith(code)
-    assert body["title"]
-    assert body["detail"]
-    return body
 
 
 def b64url(data: bytes) -> str:

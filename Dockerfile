@@ -7,8 +7,7 @@
 #   docker run --rm --no-healthcheck ... unblock worker --metrics-port 9100  # worker only
 #   docker run --rm --no-healthcheck ... unblock migrate      # schema to head
 #
-# The project is installed in editable mode from /app: app/migrations.py finds the Alembic
-# scripts in /app/migrations, next to /app/app, so the source tree stays in the image.
+# The project is installed in editable mode from /app; the Alembic scripts are in app/migrations.
 
 # Both stages must use the same interpreter: the venv built in the first one is copied as is.
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -41,7 +40,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # Then the project itself (see .dockerignore for what is left out).
 COPY . .
 RUN pip install --no-deps -e . \
-    && python -m compileall -q app mosaic_sandbox migrations
+    && python -m compileall -q app mosaic_sandbox
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -590,8 +590,8 @@ def test_dockerfile_final_stage_has_no_build_tools() -> None:
 
 
 def test_dockerfile_keeps_migrations_next_to_app() -> None:
-    # app/migrations.py finds migrations/ beside app/: the project is installed editable from
-    # the source tree, and that tree is what the final stage copies.
+    # The Alembic scripts live in the app package (app/migrations/); the project is installed
+    # editable from the source tree, and that tree is what the final stage copies.
     instructions = _dockerfile_instructions()
     installs = [a for k, a in instructions if k == "RUN" and "pip install" in a]
     assert any(re.search(r"pip install[^&;]*\s-e\s+\.", a) for a in installs)
@@ -602,8 +602,8 @@ def test_dockerfile_keeps_migrations_next_to_app() -> None:
 
     from app import migrations
 
-    assert migrations.MIGRATIONS_DIR == ROOT / "migrations"
-    assert (ROOT / "migrations" / "env.py").exists()
+    assert migrations.MIGRATIONS_DIR == ROOT / "app" / "migrations"
+    assert (migrations.MIGRATIONS_DIR / "env.py").exists()
 
 
 def test_dockerignore_keeps_the_source_and_drops_local_state() -> None:
@@ -616,7 +616,7 @@ def test_dockerignore_keeps_the_source_and_drops_local_state() -> None:
     def ignored(path: str) -> bool:
         return any(fnmatch.fnmatch(path, p.lstrip("/").removeprefix("**/")) for p in patterns)
 
-    for needed in ("pyproject.toml", "app", "migrations", "mosaic_sandbox"):
+    for needed in ("pyproject.toml", "app", "mosaic_sandbox"):
         assert not ignored(needed), f".dockerignore drops {needed}"
     for dropped in (".venv", ".git", ".unblock", ".pytest_cache", "__pycache__"):
         assert ignored(dropped), f".dockerignore keeps {dropped}"

@@ -8,7 +8,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The Alembic scripts ship inside the package, so an installed wheel can migrate.
+MIGRATIONS_DIR = Path(__file__).resolve().parent
 
 
 def alembic_config(database_url: str) -> Config:

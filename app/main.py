@@ -16,6 +16,7 @@ from app.accounts.router import router as accounts_router
 from app.auth import TokenVerifier
 from app.blocked_runs.router import router as blocked_runs_router
 from app.errors import install_error_handlers
+from app.organizations.router import router as organization_router
 from app.runtime import Runtime
 from app.settings import Settings, get_settings
 from app.webhooks.router import router as webhooks_router
@@ -60,6 +61,7 @@ def create_app(
     app.include_router(accounts_router)
     app.include_router(webhooks_router)
     app.include_router(blocked_runs_router)
+    app.include_router(organization_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

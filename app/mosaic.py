@@ -213,12 +213,20 @@ class MosaicError(Exception):
         *,
         retry_after: float | None = None,
         unexpected_shape: bool = False,
+        reached: bool = True,
     ) -> None:
         super().__init__(f"Mosaic answered {status}: {detail}" if status else detail)
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
         self.unexpected_shape = unexpected_shape
+        self.reached = reached
+
+    @property
+    def ambiguous(self) -> bool:
+        """Mosaic may have acted although the call failed: the request reached it, and the
+        answer was lost (a timeout, a dropped connection) or was a server error."""
+        return self.reached and (self.status is None or self.status >= 500)
 
     @property
     def transient(self) -> bool:
@@ -296,7 +304,13 @@ class MosaicClient:
             )
         except httpx.HTTPError as exc:
             metrics.MOSAIC_CALLS.labels(endpoint, "unreachable").inc()
-            raise MosaicError(None, f"{type(exc).__name__} calling {method} {endpoint}") from exc
+            # A refused or unopened connection never reached Mosaic; anything later may have.
+            reached = not isinstance(
+                exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+            )
+            raise MosaicError(
+                None, f"{type(exc).__name__} calling {method} {endpoint}", reached=reached
+            ) from exc
         finally:
             metrics.MOSAIC_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
         metrics.MOSAIC_CALLS.labels(endpoint, str(response.status_code)).inc()

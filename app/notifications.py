@@ -86,7 +86,8 @@ class Listener:
             await self._conn.close()
 
 
-async def next_change_of(changes: asyncio.Queue[str], blocked_run_id: str) -> None:
-    """Wait for a notification about this run (or a reconnect, which may have missed one)."""
-    while (await changes.get()) not in (blocked_run_id, ""):
+async def next_change_of(changes: asyncio.Queue[str], *keys: str) -> None:
+    """Wait for a notification about one of `keys` (a run's id, its organization's key), or a
+    reconnect, which may have missed one."""
+    while (await changes.get()) not in (*keys, ""):
         pass

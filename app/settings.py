@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     give_up_after: Duration = timedelta(hours=1)
     action_deadline: Duration = timedelta(seconds=2)
     decision_ttl: Duration = timedelta(days=7)
+    # A block reported this soon after the organization's answer is served by that answer.
+    decision_grace: Duration = timedelta(minutes=2)
+    # While a checkout is open: first re-read of GET /plan, doubling up to the cap; give up on
+    # the checkout (back to a choice) after the TTL.
+    checkout_poll: Duration = timedelta(seconds=10)
+    checkout_poll_max: Duration = timedelta(minutes=5)
+    checkout_ttl: Duration = timedelta(hours=24)
     max_resumes: int = Field(default=3, ge=1)
     # Resumes older than this no longer count toward max_resumes ("blocks again right after").
     resume_window: Duration = timedelta(hours=1)

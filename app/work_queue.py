@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import types
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import text, update
+from sqlalchemy import case, text, update
 from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,16 +24,52 @@ from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
 
 
 class JobKind(StrEnum):
+    # The organization's decision (one pending at a time per account; no blocked run named):
     CHECK_PLAN = "check_plan"  # GET /plan, then GET /plan/list or GET /credits
-    UPGRADE_PLAN = "upgrade_plan"  # POST /plan/upgrade
+    UPGRADE_PLAN = "upgrade_plan"  # GET /plan, then POST /plan/upgrade unless already paid
     CONFIRM_CHECKOUT = "confirm_checkout"  # GET /plan after the hosted checkout
-    SET_TOPUP = "set_topup"  # POST /credits/settings
-    RESUME = "resume"  # POST /agent_run/{id}/resume (GET /agent_run on 409)
-    VERIFY_RUN = "verify_run"  # GET /agent_run (+ /nodes) for a failure without the flag
+    SET_TOPUP = "set_topup"  # GET /credits, then POST /credits/settings unless already so
+    POLL_CHECKOUT = "poll_checkout"  # GET /plan now and then while a checkout is open
+    RELEASE_RUNS = "release_runs"  # move waiting runs after the decision, in bounded batches
+    # One blocked run:
+    RESUME = "resume"  # POST /agent_run/{id}/resume (GET /agent_run on 409 and on retries)
+    VERIFY_RUN = "verify_run"  # GET /agent_run (+ /nodes) before trusting an event
+
+
+# The decision's Mosaic steps; a person's action waits for none of them to be pending.
+DECISION_STEPS = frozenset(
+    {JobKind.CHECK_PLAN, JobKind.UPGRADE_PLAN, JobKind.CONFIRM_CHECKOUT, JobKind.SET_TOPUP}
+)
+
+
+def organization_key(account_id: uuid.UUID) -> str:
+    """The notification payload for a change of an organization's decision."""
+    return f"org:{account_id}"
 
 
 class NotYet(Exception):
     """The step must wait for something else to settle first: try again later, no harm done."""
+
+    def __init__(self, message: str, *, delay: timedelta | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+# A step runs in two time boxes, so a slow database after a successful Mosaic call can never
+# eat into the time Mosaic was given, or the other way round: the Mosaic part must end within
+# MOSAIC_SHARE of the lease (the worker sets that box), and `begin_recording` then gives the
+# outcome's transaction a fresh RECORDING_SHARE. Both end inside the lease, so no second worker
+# repeats the calls; if recording runs out, the retry reads Mosaic before writing anything.
+MOSAIC_SHARE = 0.75
+RECORDING_SHARE = 0.2
+STEP_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("step_deadline", default=None)
+
+
+def begin_recording(lease: timedelta) -> None:
+    """The step's Mosaic calls are over: give recording the outcome its own time box."""
+    box = STEP_DEADLINE.get()
+    if box is not None:
+        box.reschedule(asyncio.get_running_loop().time() + lease.total_seconds() * RECORDING_SHARE)
 
 
 class LeaseLost(Exception):
@@ -102,6 +141,36 @@ async def enqueue(
     return job_id
 
 
+async def enqueue_decision_job(
+    session: AsyncSession,
+    kind: JobKind,
+    *,
+    account_id: uuid.UUID,
+    give_up_after: timedelta,
+    payload: dict[str, Any] | None = None,
+    hold_for: timedelta | None = None,
+    delay: timedelta | None = None,
+) -> int | None:
+    """Record work on an organization's decision; None if one of its kind is pending already.
+
+    Unique indexes allow one pending Mosaic step, one release and one checkout poll per
+    organization, so this is the guard against a second purchase under way, not a convention.
+    """
+    hold = hold_for or delay or timedelta(0)
+    stmt = _new_job(
+        kind,
+        account_id=account_id,
+        give_up_after=give_up_after,
+        blocked_run_id=None,
+        payload=payload or {},
+        hold=hold,
+    ).on_conflict_do_nothing()
+    job_id: int | None = (await session.execute(stmt.returning(Job.id))).scalar_one_or_none()
+    if job_id is not None and not hold:
+        await notify(session, JOBS_CHANNEL)
+    return job_id
+
+
 async def enqueue_verification(
     session: AsyncSession,
     *,
@@ -109,21 +178,36 @@ async def enqueue_verification(
     run_id: str,
     agent_id: str | None,
     give_up_after: timedelta,
-) -> None:
-    """Ask Mosaic about a run, unless a verification of it is pending already."""
+    hold_for: timedelta | None = None,
+) -> int:
+    """Ask Mosaic about a run; returns the verification job.
+
+    Copies share one pending verification. A request that arrives while that one is already in
+    flight bumps its `requests` count: the in-flight attempt saw Mosaic before this news, so it
+    does not close the job but runs again (see `finish`), and nothing asked for is lost.
+    """
     stmt = _new_job(
         JobKind.VERIFY_RUN,
         account_id=account_id,
         give_up_after=give_up_after,
         blocked_run_id=None,
-        payload={"run_id": run_id, "agent_id": agent_id},
-        hold=timedelta(0),
-    ).on_conflict_do_nothing(
+        payload={"run_id": run_id, "agent_id": agent_id, "requests": 1},
+        hold=hold_for or timedelta(0),
+    )
+    stmt = stmt.on_conflict_do_update(
         index_elements=[Job.account_id, text("(payload->>'run_id')")],
         index_where=text("kind = 'verify_run' AND status = 'pending'"),
+        set_={
+            "payload": text(
+                "jsonb_set(jobs.payload, '{requests}', "
+                "to_jsonb(COALESCE((jobs.payload->>'requests')::int, 1) + 1))"
+            )
+        },
     )
-    if (await session.execute(stmt.returning(Job.id))).scalar_one_or_none() is not None:
+    job_id: int = (await session.execute(stmt.returning(Job.id))).scalar_one()
+    if not hold_for:
         await notify(session, JOBS_CHANNEL)
+    return job_id
 
 
 _CLAIM = """
@@ -177,18 +261,40 @@ async def claim_job(
     return jobs[0] if jobs else None
 
 
-async def finish(session: AsyncSession, job: ClaimedJob, *, status: str = "done") -> None:
-    """Close the job in the transaction that records its outcome; refuses a lost lease."""
+async def finish(session: AsyncSession, job: ClaimedJob, *, status: str = "done") -> bool:
+    """Close the job in the transaction that records its outcome; refuses a lost lease.
+
+    False (and the job stays pending, due now) when the job was asked for again while this
+    attempt ran (`requests` grew): the caller's reading of Mosaic may predate that news.
+    """
+    seen = job.payload.get("requests")
+    ours = (Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
+    again = text(
+        "COALESCE(jobs.payload->'requests', 'null'::jsonb) <> CAST(:seen AS jsonb)"
+    ).bindparams(seen=json.dumps(seen))
     done = await session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
-        .values(status=status, finished_at=text("now()"), locked_until=None)
-        .returning(Job.id)
+        .where(*ours)
+        .values(
+            status=case((again, "pending"), else_=status),
+            finished_at=case((again, None), else_=text("now()")),
+            run_after=case((again, text("now()")), else_=Job.run_after),
+            locked_by=case((again, None), else_=Job.locked_by),
+            locked_until=None,
+        )
+        .returning(Job.status)
     )
-    if done.scalar_one_or_none() is None:
+    outcome = done.scalar_one_or_none()
+    if outcome is None:
         raise LeaseLost(f"job {job.id} is no longer ours")
     if job.blocked_run_id is not None:
         await notify(session, RUN_EVENTS_CHANNEL, str(job.blocked_run_id))
+    elif job.kind in DECISION_STEPS:
+        await notify(session, RUN_EVENTS_CHANNEL, organization_key(job.account_id))
+    if outcome == "pending":
+        await notify(session, JOBS_CHANNEL)
+        return False
+    return True
 
 
 async def reschedule(db: Database, job: ClaimedJob, *, delay: timedelta, error: str) -> None:

@@ -24,10 +24,19 @@ from app.blocked_runs.state_machine import ACTIVE_STATES, WAITING_STATES, Event,
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
+from app.organizations import repository as organizations_repository
+from app.organizations.service import decide, expire_checkouts
+from app.organizations.state_machine import OPEN_STATES
+from app.organizations.steps import HANDLERS as DECISION_STEPS
 from app.runtime import Runtime
 from app.webhooks.models import WebhookEvent
 from app.webhooks.service import verify_run
 from app.work_queue import (
+    DECISION_STEPS as DECISION_STEP_KINDS,
+)
+from app.work_queue import (
+    MOSAIC_SHARE,
+    STEP_DEADLINE,
     ClaimedJob,
     JobKind,
     LeaseLost,
@@ -36,13 +45,18 @@ from app.work_queue import (
     claim_due,
     claim_job,
     finish,
+    organization_key,
     reschedule,
 )
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[Runtime, ClaimedJob], Awaitable[None]]
-STEPS: dict[JobKind, Step] = {**RUN_STEPS, JobKind.VERIFY_RUN: verify_run}
+STEPS: dict[JobKind, Step] = {
+    **DECISION_STEPS,
+    **RUN_STEPS,
+    JobKind.VERIFY_RUN: verify_run,
+}
 MAINTENANCE_EVERY = timedelta(seconds=30)
 
 
@@ -53,15 +67,24 @@ def new_worker_id() -> str:
 async def execute(rt: Runtime, job: ClaimedJob) -> None:
     """Run one claimed job to an outcome: done, rescheduled, or given up."""
     try:
-        # A step must end well inside its lease, or another worker could repeat its calls.
-        async with asyncio.timeout(rt.settings.job_lease.total_seconds() * 0.8):
-            await STEPS[job.kind](rt, job)
+        # A step must end well inside its lease, or another worker could repeat its calls:
+        # its Mosaic part gets MOSAIC_SHARE of the lease, and recording the outcome gets its
+        # own box (see work_queue.begin_recording).
+        async with asyncio.timeout(rt.settings.job_lease.total_seconds() * MOSAIC_SHARE) as box:
+            token = STEP_DEADLINE.set(box)
+            try:
+                await STEPS[job.kind](rt, job)
+            finally:
+                STEP_DEADLINE.reset(token)
         metrics.JOBS.labels(job.kind, "done").inc()
     except LeaseLost:
         metrics.JOBS.labels(job.kind, "lease_lost").inc()
         log.info("job %s (%s): lease lost or cancelled; outcome dropped", job.id, job.kind)
     except NotYet as wait:
-        await _retry_later(rt, job, f"waiting: {wait}", None)
+        if wait.delay is not None:
+            await reschedule(rt.db, job, delay=wait.delay, error=f"waiting: {wait}")
+        else:
+            await _retry_later(rt, job, f"waiting: {wait}", None)
     except MosaicError as exc:
         if exc.transient and datetime.now(UTC) < job.give_up_at:
             await _retry_later(rt, job, str(exc), exc.retry_after)
@@ -100,11 +123,28 @@ async def _retry_later(rt: Runtime, job: ClaimedJob, error: str, retry_after: fl
 
 
 async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None:
-    """Stop retrying: the job fails, and so does its run, with the reason shown to a person."""
+    """Stop retrying: the job fails, and so does what it was for, with the reason shown to a
+    person (a decision's step: the decision, and so every run waiting on it)."""
     metrics.JOBS.labels(job.kind, "gave_up").inc()
     log.error("job %s (%s) gave up: %s", job.id, job.kind, message)
+    error_message = f"Could not complete {job.kind.replace('_', ' ')}: {message}"
     try:
         async with rt.db.transaction() as session:
+            if job.kind in DECISION_STEP_KINDS:
+                decision = await organizations_repository.lock(session, job.account_id)
+                await finish(session, job, status="failed")
+                if decision.state in OPEN_STATES:
+                    await decide(
+                        rt,
+                        session,
+                        decision,
+                        Event.GIVE_UP,
+                        actor="system",
+                        reason=f"{job.kind} gave up: {message}",
+                        error_code=code,
+                        error_message=error_message,
+                    )
+                return
             # The run before the job, as everywhere else (cancel locks them in that order).
             run = await repository.lock(session, job.blocked_run_id) if job.blocked_run_id else None
             await finish(session, job, status="failed")
@@ -116,22 +156,34 @@ async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None
                     actor="system",
                     reason=f"{job.kind} gave up: {message}",
                     error_code=code,
-                    error_message=f"Could not complete {job.kind.replace('_', ' ')}: {message}",
+                    error_message=error_message,
                 )
     except LeaseLost:
         log.info("job %s: lease lost while giving up", job.id)
 
 
-async def attempt_now(rt: Runtime, job_id: int, blocked_run_id: uuid.UUID) -> None:
-    """Try a person's job at once, then wait (within the action deadline) for follow-up steps.
+async def attempt_now(
+    rt: Runtime,
+    job_id: int | None,
+    *,
+    account_id: uuid.UUID,
+    blocked_run_id: uuid.UUID | None = None,
+) -> None:
+    """Try a person's job at once, then wait (within the action deadline) for follow-up steps:
+    until the run (or, without one, the organization's decision) has no step under way.
 
     The attempt is shielded: if the deadline passes, it carries on in the background and the
     caller answers 202; a crash meanwhile leaves the job for a worker once its hold ends.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + rt.settings.action_deadline.total_seconds()
+    keys = [organization_key(account_id)]
+    if blocked_run_id is not None:
+        keys.append(str(blocked_run_id))
     async with rt.listener.subscribe(RUN_EVENTS_CHANNEL) as changes:
-        job = await claim_job(rt.db, job_id, new_worker_id(), rt.settings.job_lease)
+        job = None
+        if job_id is not None:
+            job = await claim_job(rt.db, job_id, new_worker_id(), rt.settings.job_lease)
         if job is not None:
             task = asyncio.create_task(execute(rt, job))
             rt.keep(task)
@@ -140,14 +192,23 @@ async def attempt_now(rt: Runtime, job_id: int, blocked_run_id: uuid.UUID) -> No
             except TimeoutError:
                 return
         while (remaining := deadline - loop.time()) > 0:
-            async with rt.db.sessions() as session:
-                pending = await session.scalar(
-                    select(BlockedRun.pending).where(BlockedRun.id == blocked_run_id)
-                )
-            if not pending:
+            if not await _step_under_way(rt, account_id, blocked_run_id):
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(next_change_of(changes, str(blocked_run_id)), remaining)
+                await asyncio.wait_for(next_change_of(changes, *keys), remaining)
+
+
+async def _step_under_way(
+    rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID | None
+) -> bool:
+    async with rt.db.sessions() as session:
+        if blocked_run_id is not None:
+            return bool(
+                await session.scalar(
+                    select(BlockedRun.pending).where(BlockedRun.id == blocked_run_id)
+                )
+            )
+        return await organizations_repository.pending_step(session, account_id) is not None
 
 
 class Worker:
@@ -228,6 +289,8 @@ class Worker:
                     actor="system",
                     reason=f"no answer within {settings.decision_ttl}",
                 )
+        await expire_checkouts(self.rt)
+        async with self.rt.db.transaction() as session:
             retention = text("now() - make_interval(secs => :keep)").bindparams(
                 keep=settings.webhook_retention.total_seconds()
             )

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -78,7 +77,10 @@ async def test_a_claim_whose_worker_died_before_calling_mosaic_is_finished_after
         # A worker claims the recorded intent and dies before it calls Mosaic.
         rt = stack.service.runtime
         claimed = await claim_due(rt.db, "doomed-worker", limit=10, lease=rt.settings.job_lease)
-        assert [job.blocked_run_id for job in claimed] == [uuid.UUID(blocked["id"])]
+        # The plan is the organization's: its decision's step, not the run's.
+        assert [(job.kind, str(job.account_id)) for job in claimed] == [
+            ("check_plan", tenant.account_id)
+        ]
         assert await mosaic_calls(stack.mosaic, tenant) == []
 
         # A new worker takes it once the dead one's lease has run out, and finishes the work.
@@ -101,8 +103,8 @@ async def test_a_claim_whose_worker_died_before_calling_mosaic_is_finished_after
 async def test_a_crash_mid_resume_does_not_resume_the_run_twice() -> None:
     async with isolated_stack("crash_mid_resume", worker=False, action_deadline=0.3) as stack:
         tenant = await make_tenant(stack.client, stack.mosaic, plan_id="creator", balance=0)
-        # No webhooks for this run (a RUN_STARTED would close the episode by itself): the only
-        # way unblock learns the resume landed is its own retry, answered 409, and a re-read.
+        # No webhooks for this run: the only way unblock learns the resume landed is its own
+        # retry, which reads the run before resuming.
         run_id = await start_mosaic_run(stack.mosaic, tenant, report=False)
         registered = await stack.client.post(
             "/v1/blocked-runs", json={"run_id": run_id}, headers=tenant.service_headers
@@ -140,8 +142,9 @@ async def test_a_crash_mid_resume_does_not_resume_the_run_twice() -> None:
         assert done["error"] is None
         run = await sandbox_run(stack.mosaic, run_id)
         assert run["resumes"] == 1
-        # Mosaic accepted the first resume; the retry after the crash got 409 and re-read the run.
-        assert await calls_to(stack, tenant, "POST", resume_path) == 2
+        # Mosaic accepted the first resume; the retry after the crash read the run first, saw it
+        # running again, and sent no second resume.
+        assert await calls_to(stack, tenant, "POST", resume_path) == 1
         assert await calls_to(stack, tenant, "GET", f"/agent_run/{run_id}") == 1
 
 

@@ -76,12 +76,16 @@ async def test_free_organization_walks_checkout_and_topup_to_a_completed_run(
     assert body["topup"] == {"eligible": True, "enabled": True, "threshold": 100, "quantity": 1000}
     assert body["actions"] == []
 
+    # Every write is preceded by a read of what it would change.
     assert await mosaic_calls(mosaic, tenant) == [
         ("GET", "/plan"),
         ("GET", "/plan/list"),
+        ("GET", "/plan"),
         ("POST", "/plan/upgrade"),
         ("GET", "/plan"),
         ("GET", "/plan"),
+        ("GET", "/credits"),
+        ("GET", "/credits"),
         ("POST", "/credits/settings"),
         ("POST", f"/agent_run/{run_id}/resume"),
     ]
@@ -144,6 +148,7 @@ async def test_internal_service_registers_a_run_and_an_immediate_upgrade_decline
     assert calls == [
         ("GET", "/plan"),
         ("GET", "/plan/list"),
+        ("GET", "/plan"),
         ("POST", "/plan/upgrade"),
         ("POST", f"/agent_run/{run_id}/resume"),
     ]

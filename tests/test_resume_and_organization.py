@@ -13,6 +13,7 @@ from conftest import (
     bearer,
     blocked_run_for,
     eventually,
+    isolated_stack,
     make_tenant,
     mosaic_calls,
     sandbox_run,
@@ -53,7 +54,8 @@ async def test_one_decision_moves_every_blocked_run_of_the_organization(
         moved = (await client.get(f"/v1/blocked-runs/{other['id']}", headers=tenant.headers)).json()
         assert moved["state"] == "topup_prompt"
         assert moved["plan"]["id"] == "creator"
-        assert moved["history"][-1]["event"] == "org_plan_paid"
+        assert moved["history"][-1]["event"] == "checkout_confirmed"
+        assert moved["history"][-1]["actor"] == "user:person"
 
     answered = await client.post(
         f"/v1/blocked-runs/{first['id']}/topup",
@@ -73,35 +75,42 @@ async def test_one_decision_moves_every_blocked_run_of_the_organization(
         assert calls.count(("POST", f"/agent_run/{run_id}/resume")) == 1
 
 
-async def test_resume_409_for_a_run_already_running_again_counts_as_resumed(
-    client: httpx.AsyncClient, mosaic: httpx.AsyncClient
-) -> None:
-    tenant = await make_tenant(client, mosaic, plan_id="creator", balance=0)
-    run_id, blocked = await blocked_in(client, mosaic, tenant, "topup_prompt")
-    # Someone adds credits and resumes the run in Mosaic directly, behind unblock's back.
-    patch = {"balance": 100_000}
-    (await mosaic.patch(f"/_sandbox/orgs/{tenant.organization_id}", json=patch)).raise_for_status()
-    direct = await mosaic.post(f"/agent_run/{run_id}/resume", headers=bearer(tenant.mosaic_key))
-    assert direct.status_code == 200
+async def test_resume_409_for_a_run_already_running_again_counts_as_resumed() -> None:
+    # No webhooks reach unblock here, so nothing but its own resume step can learn that the
+    # run was resumed behind its back: the resume is answered 409 and the run re-read.
+    async with isolated_stack("resume_409_running") as stack:
+        client, mosaic = stack.client, stack.mosaic
+        tenant = await make_tenant(client, mosaic, plan_id="creator", balance=0)
+        run_id = await start_mosaic_run(mosaic, tenant, report=False)
+        registered = await client.post(
+            "/v1/blocked-runs", json={"run_id": run_id}, headers=tenant.service_headers
+        )
+        blocked = await wait_for_state(client, tenant, registered.json()["id"], "topup_prompt")
+        patch = {"balance": 100_000}
+        (
+            await mosaic.patch(f"/_sandbox/orgs/{tenant.organization_id}", json=patch)
+        ).raise_for_status()
+        direct = await mosaic.post(f"/agent_run/{run_id}/resume", headers=bearer(tenant.mosaic_key))
+        assert direct.status_code == 200
 
-    async def settled() -> bool:
-        return (await sandbox_run(mosaic, run_id))["status"] == "completed"
+        async def running_again() -> bool:
+            return (await sandbox_run(mosaic, run_id))["status"] in ("running", "completed")
 
-    await eventually(settled, what="the run to complete in Mosaic")
-    # Mosaic's RUN_STARTED may already have closed the episode; either way it ends resumed
-    # and unblock's own resume (if it made one) was answered 409 and re-read, not repeated.
-    answer = await client.post(
-        f"/v1/blocked-runs/{blocked['id']}/topup", json={"enable": False}, headers=tenant.headers
-    )
-    assert answer.status_code in (200, 409)
-    final = await wait_for_state(client, tenant, blocked["id"], "resumed")
-    assert final["error"] is None
-    calls = await mosaic_calls(mosaic, tenant)
-    resumes = calls.count(("POST", f"/agent_run/{run_id}/resume"))
-    if answer.status_code == 200:
-        assert resumes == 2  # the direct one, then unblock's (409)
-        assert ("GET", f"/agent_run/{run_id}") in calls
-    assert (await sandbox_run(mosaic, run_id))["resumes"] == 1
+        await eventually(running_again, what="the run to run again in Mosaic")
+        answer = await client.post(
+            f"/v1/blocked-runs/{blocked['id']}/topup",
+            json={"enable": False},
+            headers=tenant.headers,
+        )
+        assert answer.status_code == 200, answer.text
+        final = answer.json()
+        assert final["state"] == "resumed"
+        assert final["error"] is None
+        calls = await mosaic_calls(mosaic, tenant)
+        resume = ("POST", f"/agent_run/{run_id}/resume")
+        assert calls.count(resume) == 2  # the direct one, then unblock's (409)
+        assert calls.index(resume) < calls.index(("GET", f"/agent_run/{run_id}"))
+        assert (await sandbox_run(mosaic, run_id))["resumes"] == 1
 
 
 async def test_resume_409_for_a_run_still_failed_fails_with_a_reason_and_can_be_retried(
@@ -128,8 +137,8 @@ async def test_resume_409_for_a_run_still_failed_fails_with_a_reason_and_can_be_
     calls = await mosaic_calls(mosaic, tenant)
     assert calls[-2:] == [("POST", f"/agent_run/{run_id}/resume"), ("GET", f"/agent_run/{run_id}")]
 
-    # Retrying starts over from the plan; the top-up question was answered for this episode
-    # already, so it is not asked again and the run resumes.
+    # Retrying waits on the organization's decision again; it was answered after this run
+    # blocked, so the question is not asked again and the run resumes.
     retried = await client.post(f"/v1/blocked-runs/{blocked['id']}/retry", headers=tenant.headers)
     assert retried.status_code == 200
     assert retried.json()["state"] == "resumed"
@@ -140,7 +149,7 @@ async def test_resume_409_for_a_run_still_failed_fails_with_a_reason_and_can_be_
             await client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)
         ).json()["history"]
     ]
-    assert events[-4:] == ["retry", "plan_paid", "org_topup_answered", "resume_accepted"]
+    assert events[-3:] == ["retry", "org_topup_answered", "resume_accepted"]
     assert (await sandbox_run(mosaic, run_id))["resumes"] == 1
 
 

@@ -25,22 +25,23 @@ from app.blocked_runs.state_machine import (
 )
 from conftest import Service, Tenant
 
-# The seed flow of design.md, in order, and the other legal paths, as (from, event, to).
+CHOOSING = (State.CHECKING_PLAN, State.AWAITING_CHOICE, State.AWAITING_CHECKOUT)
+DECIDING = (*CHOOSING, State.TOPUP_PROMPT)
+# The seed flow, in order, and the other legal paths, as (from, event, to). The decision's moves
+# also apply to runs one move behind it (a large organization is released in batches).
 EXPECTED = {
     (None, Event.BLOCKED, State.CHECKING_PLAN),
     (State.CHECKING_PLAN, Event.PLAN_FREE, State.AWAITING_CHOICE),
-    (State.CHECKING_PLAN, Event.PLAN_PAID, State.TOPUP_PROMPT),
-    (State.CHECKING_PLAN, Event.PLAN_PAID_TOPUP_ON, State.RESUMING),
-    (State.AWAITING_CHOICE, Event.UPGRADED, State.TOPUP_PROMPT),
+    (State.CHECKING_PLAN, Event.CHECKOUT_REQUIRED, State.AWAITING_CHECKOUT),
     (State.AWAITING_CHOICE, Event.CHECKOUT_REQUIRED, State.AWAITING_CHECKOUT),
-    (State.AWAITING_CHOICE, Event.ORG_PLAN_PAID, State.TOPUP_PROMPT),
-    (State.AWAITING_CHECKOUT, Event.CHECKOUT_CONFIRMED, State.TOPUP_PROMPT),
-    (State.AWAITING_CHECKOUT, Event.UPGRADED, State.TOPUP_PROMPT),
-    (State.AWAITING_CHECKOUT, Event.CHECKOUT_REQUIRED, State.AWAITING_CHECKOUT),
-    (State.AWAITING_CHECKOUT, Event.ORG_PLAN_PAID, State.TOPUP_PROMPT),
-    (State.TOPUP_PROMPT, Event.TOPUP_ENABLED, State.RESUMING),
-    (State.TOPUP_PROMPT, Event.TOPUP_DECLINED, State.RESUMING),
-    (State.TOPUP_PROMPT, Event.ORG_TOPUP_ANSWERED, State.RESUMING),
+    (State.AWAITING_CHECKOUT, Event.CHECKOUT_EXPIRED, State.AWAITING_CHOICE),
+    *((s, Event.PLAN_PAID, State.TOPUP_PROMPT) for s in CHOOSING),
+    *((s, Event.UPGRADED, State.TOPUP_PROMPT) for s in CHOOSING),
+    *((s, Event.CHECKOUT_CONFIRMED, State.TOPUP_PROMPT) for s in CHOOSING),
+    *((s, Event.PLAN_PAID_TOPUP_ON, State.RESUMING) for s in DECIDING),
+    *((s, Event.TOPUP_ENABLED, State.RESUMING) for s in DECIDING),
+    *((s, Event.TOPUP_DECLINED, State.RESUMING) for s in DECIDING),
+    *((s, Event.ORG_TOPUP_ANSWERED, State.RESUMING) for s in DECIDING),
     (State.RESUMING, Event.RESUME_ACCEPTED, State.RESUMED),
     (State.RESUMING, Event.RESUME_REFUSED, State.FAILED),
     (State.RESUMING, Event.RESUME_LIMIT, State.FAILED),
@@ -77,6 +78,7 @@ def test_terminal_states_only_leave_by_retrying_a_failure() -> None:
 def test_actions_follow_the_state_and_only_cancel_while_a_step_is_pending() -> None:
     assert set(ACTIONS) == set(State)
     assert actions_for("awaiting_choice", pending=False) == ["choose_plan", "cancel"]
+    assert actions_for("awaiting_choice", pending=True) == ["cancel"]
     assert actions_for("awaiting_checkout", pending=False) == [
         "confirm_checkout",
         "choose_plan",
@@ -122,3 +124,15 @@ def test_the_open_episode_index_names_exactly_the_active_states() -> None:
 
     named = {s.strip(" '") for s in ACTIVE_STATES_SQL.strip("()").split(",")}
     assert named == {s.value for s in ACTIVE_STATES}
+
+
+def test_the_deciding_states_and_decision_steps_named_in_sql_agree_with_the_code() -> None:
+    from app.blocked_runs.models import DECIDING_STATES_SQL, DECISION_STEP_KINDS_SQL
+    from app.blocked_runs.state_machine import DECIDING_STATES
+    from app.work_queue import DECISION_STEPS
+
+    def named(sql: str) -> set[str]:
+        return {s.strip(" '") for s in sql.strip("()").split(",")}
+
+    assert named(DECIDING_STATES_SQL) == {s.value for s in DECIDING_STATES}
+    assert named(DECISION_STEP_KINDS_SQL) == {k.value for k in DECISION_STEPS}

@@ -11,9 +11,11 @@ import pytest
 from sqlalchemy import text
 
 from app.work_queue import claim_due
+from app.worker import execute
 from conftest import (
     Service,
     Tenant,
+    bearer,
     blocked_run_for,
     deliver,
     eventually,
@@ -145,22 +147,66 @@ async def test_progress_completed_and_unknown_events_open_nothing(
     assert listed.json()["items"] == []
 
 
-async def test_run_started_closes_an_open_episode_as_resumed_elsewhere(
+async def verification_done(service: Service, run_id: str) -> None:
+    """Wait until every verification of this run has finished (committed)."""
+
+    async def done() -> bool:
+        async with service.runtime.db.sessions() as session:
+            statuses = (
+                await session.scalars(
+                    text(
+                        "SELECT status FROM jobs WHERE kind = 'verify_run' "
+                        "AND payload->>'run_id' = :r"
+                    ),
+                    {"r": run_id},
+                )
+            ).all()
+        return bool(statuses) and "pending" not in statuses
+
+    await eventually(done, what="the verification job to finish")
+
+
+async def test_run_started_is_verified_and_closes_an_episode_mosaic_shows_running_again(
     client: httpx.AsyncClient, mosaic: httpx.AsyncClient
 ) -> None:
     tenant = await make_tenant(client, mosaic)
-    run_id = f"run-{uuid.uuid4()}"
-    await deliver(client, tenant, finished_event(run_id))
+    run_id = await start_mosaic_run(mosaic, tenant)
     blocked = await blocked_run_for(client, tenant, run_id)
     await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
-    started = await deliver(
-        client, tenant, {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"}
-    )
-    assert started.json()["status"] == "accepted"
+    # Someone adds credits and resumes the run in Mosaic directly; Mosaic sends RUN_STARTED.
+    patch = {"balance": 100_000}
+    (await mosaic.patch(f"/_sandbox/orgs/{tenant.organization_id}", json=patch)).raise_for_status()
+    direct = await mosaic.post(f"/agent_run/{run_id}/resume", headers=bearer(tenant.mosaic_key))
+    assert direct.status_code == 200
+
+    await wait_for_state(client, tenant, blocked["id"], "resumed")
     closed = (await client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)).json()
-    assert closed["state"] == "resumed"
     assert closed["history"][-1]["actor"] == "mosaic"
     assert closed["history"][-1]["event"] == "run_restarted"
+    calls = await mosaic_calls(mosaic, tenant)
+    assert ("GET", f"/agent_run/{run_id}") in calls  # asked before closing
+    assert ("POST", f"/agent_run/{run_id}/resume") in calls  # only the direct one
+    assert calls.count(("POST", f"/agent_run/{run_id}/resume")) == 1
+
+
+async def test_a_late_run_started_leaves_a_run_mosaic_still_shows_blocked_waiting(
+    client: httpx.AsyncClient, mosaic: httpx.AsyncClient, service: Service
+) -> None:
+    tenant = await make_tenant(client, mosaic)
+    run_id = await start_mosaic_run(mosaic, tenant)
+    blocked = await blocked_run_for(client, tenant, run_id)
+    await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
+    # A redelivered RUN_STARTED from before the block arrives after it.
+    late = {"flag": "RUN_STARTED", "run_id": run_id, "status": "running", "agent_id": "agent-1"}
+    answer = await deliver(client, tenant, late | {"delivery": "late copy"})
+    assert answer.json()["status"] == "accepted"
+    await verification_done(service, run_id)
+
+    still = (await client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)).json()
+    assert still["state"] == "awaiting_choice"
+    assert still["actions"] == ["choose_plan", "cancel"]
+    calls = await mosaic_calls(mosaic, tenant)
+    assert ("GET", f"/agent_run/{run_id}") in calls
 
 
 async def test_failure_without_the_flag_is_verified_with_mosaic_before_blocking(
@@ -205,19 +251,33 @@ async def test_failure_that_mosaic_says_is_not_about_credits_opens_nothing(
 
 async def test_closing_an_episode_drops_its_pending_step_so_mosaic_is_not_called() -> None:
     async with isolated_stack("closed_episode", worker=False) as stack:
-        tenant = await make_tenant(stack.client, stack.mosaic)
-        run_id = f"run-{uuid.uuid4()}"
-        await deliver(stack.client, tenant, finished_event(run_id))
+        topup = {"enabled": True, "threshold": 0, "quantity": 0}
+        tenant = await make_tenant(
+            stack.client, stack.mosaic, plan_id="creator", balance=0, auto_topup=topup
+        )
+        run_id = await start_mosaic_run(stack.mosaic, tenant)
         blocked = await blocked_run_for(stack.client, tenant, run_id)
-        assert blocked["pending"] is True  # GET /plan is recorded, no worker has run it yet
-        started = {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"}
-        assert (await deliver(stack.client, tenant, started)).json()["status"] == "accepted"
-        closed = await stack.client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)
-        assert closed.json()["state"] == "resumed"
-        assert closed.json()["pending"] is False
         rt = stack.service.runtime
+        # Run the organization's plan check by hand: auto top-up is on, so the run goes straight
+        # to resuming with its resume step recorded, which no worker has run yet.
+        (check,) = await claim_due(rt.db, "by-hand", limit=10, lease=rt.settings.job_lease)
+        assert check.kind == "check_plan"
+        await execute(rt, check)
+        resuming = await stack.client.get(
+            f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers
+        )
+        assert resuming.json()["state"] == "resuming"
+        assert resuming.json()["pending"] is True
+
+        cancelled = await stack.client.post(
+            f"/v1/blocked-runs/{blocked['id']}/cancel", headers=tenant.headers
+        )
+        assert cancelled.json()["state"] == "cancelled"
+        assert cancelled.json()["pending"] is False
         assert await claim_due(rt.db, "a-worker", limit=10, lease=rt.settings.job_lease) == []
-        assert await mosaic_calls(stack.mosaic, tenant) == []
+        assert ("POST", f"/agent_run/{run_id}/resume") not in await mosaic_calls(
+            stack.mosaic, tenant
+        )
 
 
 async def test_copies_of_one_failure_that_differ_in_a_field_ask_mosaic_once() -> None:

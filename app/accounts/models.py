@@ -20,9 +20,6 @@ class Account(Base):
     mosaic_api_key_encrypted: Mapped[str] = mapped_column(Text)
     # SHA-256 of the webhook secret Mosaic sends in X-Mosaic-Signature.
     webhook_secret_hash: Mapped[str] = mapped_column(String(64))
-    # When someone last answered the auto top-up question for this account's organization:
-    # runs blocked before that moment skip the question (one decision serves the organization).
-    topup_answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

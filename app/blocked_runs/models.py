@@ -17,6 +17,7 @@ from sqlalchemy import (
     and_,
     exists,
     func,
+    or_,
     select,
     text,
 )
@@ -28,6 +29,10 @@ from app.database import Base
 ACTIVE_STATES_SQL = (
     "('checking_plan','awaiting_choice','awaiting_checkout','topup_prompt','resuming')"
 )
+# Run states that wait on the organization's decision (the decision's pending step is theirs).
+DECIDING_STATES_SQL = "('checking_plan','awaiting_choice','awaiting_checkout','topup_prompt')"
+# The Mosaic steps of an organization's decision: at most one pending per account at a time.
+DECISION_STEP_KINDS_SQL = "('check_plan','upgrade_plan','confirm_checkout','set_topup')"
 
 
 class Job(Base):
@@ -49,6 +54,26 @@ class Job(Base):
             text("(payload->>'run_id')"),
             unique=True,
             postgresql_where=text("kind = 'verify_run' AND status = 'pending'"),
+        ),
+        # One pending step per organization decision: never two purchases under way at once.
+        Index(
+            "uq_jobs_one_decision_step",
+            "account_id",
+            unique=True,
+            postgresql_where=text(f"status = 'pending' AND kind IN {DECISION_STEP_KINDS_SQL}"),
+        ),
+        # One pending release of waiting runs, and one checkout poll, per organization.
+        Index(
+            "uq_jobs_one_release",
+            "account_id",
+            unique=True,
+            postgresql_where=text("status = 'pending' AND kind = 'release_runs'"),
+        ),
+        Index(
+            "uq_jobs_one_checkout_poll",
+            "account_id",
+            unique=True,
+            postgresql_where=text("status = 'pending' AND kind = 'poll_checkout'"),
         ),
         # Claims take due jobs in (run_after, id) order.
         Index("ix_jobs_due", "run_after", "id", postgresql_where=text("status = 'pending'")),
@@ -108,11 +133,24 @@ class BlockedRun(Base):
         DateTime(timezone=True), server_default=func.now()
     )
 
-    # Derived, never stored: a system step is under way while a job for this run is pending.
+    # Derived, never stored: a system step is under way while a job for this run is pending,
+    # or, while the run waits on its organization's decision, while the decision has a step.
     pending: Mapped[bool] = column_property(
-        exists(
-            select(Job.id).where(and_(Job.blocked_run_id == id, Job.status == "pending"))
-        ).correlate_except(Job)
+        or_(
+            exists(
+                select(Job.id).where(and_(Job.blocked_run_id == id, Job.status == "pending"))
+            ).correlate_except(Job),
+            and_(
+                text(f"blocked_runs.state IN {DECIDING_STATES_SQL}"),
+                exists(
+                    select(Job.id).where(
+                        Job.account_id == account_id,
+                        Job.status == "pending",
+                        text(f"jobs.kind IN {DECISION_STEP_KINDS_SQL}"),
+                    )
+                ).correlate_except(Job),
+            ),
+        )
     )
 
 

@@ -7,10 +7,9 @@ import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.accounts.models import Account
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.blocked_runs.state_machine import ACTIVE_STATES, State
 from app.errors import InvalidInput, NotFound
@@ -24,7 +23,7 @@ async def get_for_account(
         BlockedRun.id == blocked_run_id, BlockedRun.account_id == account_id
     )
     if lock:
-        stmt = stmt.with_for_update(of=BlockedRun)
+        stmt = stmt.with_for_update(of=BlockedRun, key_share=True)
     run = (await session.execute(stmt)).scalar_one_or_none()
     if run is None:
         raise NotFound("No such blocked run.", code="blocked_run_not_found")
@@ -41,15 +40,14 @@ async def _reread_pending(session: AsyncSession, run: BlockedRun) -> None:
 
 async def lock(session: AsyncSession, blocked_run_id: uuid.UUID) -> BlockedRun:
     """Row-lock a run for a system step (the job already names the account)."""
-    stmt = select(BlockedRun).where(BlockedRun.id == blocked_run_id).with_for_update(of=BlockedRun)
+    stmt = (
+        select(BlockedRun)
+        .where(BlockedRun.id == blocked_run_id)
+        .with_for_update(of=BlockedRun, key_share=True)
+    )
     run = (await session.execute(stmt.execution_options(populate_existing=True))).scalar_one()
     await _reread_pending(session, run)
     return run
-
-
-async def lock_account(session: AsyncSession, account_id: uuid.UUID) -> None:
-    """The organization-wide mutex, taken before any run lock by decisions that fan out."""
-    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
 
 
 async def open_episode_for(
@@ -61,7 +59,7 @@ async def open_episode_for(
         BlockedRun.state.in_([s.value for s in ACTIVE_STATES]),
     )
     if lock:
-        stmt = stmt.with_for_update(of=BlockedRun)
+        stmt = stmt.with_for_update(of=BlockedRun, key_share=True)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
@@ -119,36 +117,6 @@ async def resume_generation(session: AsyncSession, account_id: uuid.UUID, run_id
             )
         )
     ) or 0
-
-
-async def lock_organization_runs(
-    session: AsyncSession, account_id: uuid.UUID, states: Collection[State], *, except_id: uuid.UUID
-) -> Sequence[BlockedRun]:
-    """The account's other runs in `states`, locked in id order (a stable order: no deadlocks)."""
-    stmt = (
-        select(BlockedRun)
-        .where(
-            BlockedRun.account_id == account_id,
-            BlockedRun.id != except_id,
-            BlockedRun.state.in_([s.value for s in states]),
-        )
-        .order_by(BlockedRun.id)
-        .with_for_update(of=BlockedRun)
-    )
-    runs = (await session.execute(stmt.execution_options(populate_existing=True))).scalars().all()
-    for run in runs:
-        await _reread_pending(session, run)
-    return runs
-
-
-async def mark_topup_answered(session: AsyncSession, account_id: uuid.UUID) -> None:
-    await session.execute(
-        update(Account).where(Account.id == account_id).values(topup_answered_at=func.now())
-    )
-
-
-async def topup_answered_at(session: AsyncSession, account_id: uuid.UUID) -> datetime | None:
-    return await session.scalar(select(Account.topup_answered_at).where(Account.id == account_id))
 
 
 async def history(session: AsyncSession, blocked_run_id: uuid.UUID) -> Sequence[HistoryEntry]:

@@ -21,10 +21,12 @@ from app.blocked_runs.schemas import (
     RegisterRun,
     TopupAnswer,
 )
-from app.blocked_runs.state_machine import TERMINAL_STATES
+from app.blocked_runs.state_machine import TERMINAL_STATES, IllegalTransition
 from app.input_text import StorableStr
 from app.notifications import RUN_EVENTS_CHANNEL, next_change_of
+from app.organizations import repository as organizations_repository
 from app.runtime import Runtime, runtime
+from app.work_queue import organization_key
 from app.worker import attempt_now
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -48,15 +50,17 @@ ACTION_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 async def _answer(rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID) -> JSONResponse:
-    run, _ = await service.read(rt, account_id, blocked_run_id)
+    run, _, decision = await service.read(rt, account_id, blocked_run_id)
     code = status.HTTP_202_ACCEPTED if run.pending else status.HTTP_200_OK
-    return JSONResponse(BlockedRunOut.of(run).model_dump(mode="json"), status_code=code)
+    return JSONResponse(
+        BlockedRunOut.of(run, None, decision).model_dump(mode="json"), status_code=code
+    )
 
 
 async def _act_now(
-    rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID, job_id: int
+    rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID, job_id: int | None
 ) -> JSONResponse:
-    await attempt_now(rt, job_id, blocked_run_id)
+    await attempt_now(rt, job_id, account_id=account_id, blocked_run_id=blocked_run_id)
     return await _answer(rt, account_id, blocked_run_id)
 
 
@@ -64,16 +68,40 @@ async def _act_now(
     "",
     response_model=BlockedRunOut,
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"description": "The run already has an open blocked run; that one."}},
+    responses={
+        200: {"description": "The run already has an open blocked run; that one."},
+        202: {
+            "description": "The run was blocked before: Mosaic is being asked whether it is "
+            "blocked again (`{status: verifying}`); register again or list runs to see."
+        },
+        409: {"description": "Mosaic says the run is not blocked for credits (`run_not_blocked`)."},
+    },
 )
 async def register_run(body: RegisterRun, principal: Registrar, rt: RT) -> JSONResponse:
     """An internal service reports a credit-blocked Mosaic run."""
     account_id = account_of(principal)
-    run, created = await service.register(
+    outcome, run, job_id = await service.register(
         rt, account_id, body.run_id, body.agent_id, f"service:{principal.sub}"
     )
-    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-    return JSONResponse(BlockedRunOut.of(run).model_dump(mode="json"), status_code=code)
+    if job_id is not None:
+        await attempt_now(rt, job_id, account_id=account_id)
+        outcome, run = await service.verified_registration(rt, account_id, body.run_id, job_id)
+    if outcome is service.Registration.VERIFYING:
+        return JSONResponse(
+            {"status": "verifying", "run_id": body.run_id}, status_code=status.HTTP_202_ACCEPTED
+        )
+    if run is None:
+        raise IllegalTransition(
+            "Mosaic reports that this run is not blocked for credits.", code="run_not_blocked"
+        )
+    code = (
+        status.HTTP_201_CREATED if outcome is service.Registration.CREATED else status.HTTP_200_OK
+    )
+    async with rt.db.sessions() as session:
+        decision = await organizations_repository.get(session, account_id)
+    return JSONResponse(
+        BlockedRunOut.of(run, None, decision).model_dump(mode="json"), status_code=code
+    )
 
 
 @router.get("", response_model=BlockedRunPage)
@@ -92,7 +120,10 @@ async def list_runs(
         rows, next_cursor = await repository.page(
             session, account_id, states=states, run_id=run_id, limit=limit, cursor=cursor
         )
-    return BlockedRunPage(items=[BlockedRunOut.of(r) for r in rows], next_cursor=next_cursor)
+        decision = await organizations_repository.get(session, account_id)
+    return BlockedRunPage(
+        items=[BlockedRunOut.of(r, None, decision) for r in rows], next_cursor=next_cursor
+    )
 
 
 @router.get(
@@ -102,8 +133,8 @@ async def list_runs(
 )
 async def read_run(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> BlockedRunOut:
     """One blocked run with its history of state changes."""
-    run, history = await service.read(rt, account_of(principal), blocked_run_id)
-    return BlockedRunOut.of(run, history)
+    run, history, decision = await service.read(rt, account_of(principal), blocked_run_id)
+    return BlockedRunOut.of(run, history, decision)
 
 
 @router.post(
@@ -173,20 +204,21 @@ async def events(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> EventS
     """A `state` event with the run now and after every change; ends once the run is terminal."""
     account_id = account_of(principal)
     await service.read(rt, account_id, blocked_run_id)  # 404 before the stream starts
+    keys = (str(blocked_run_id), organization_key(account_id))
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async with rt.listener.subscribe(RUN_EVENTS_CHANNEL) as changes:
-            last: tuple[int, bool] | None = None
+            last: str | None = None
             while True:
-                run, _ = await service.read(rt, account_id, blocked_run_id)
-                if (run.version, run.pending) != last:
-                    last = (run.version, run.pending)
-                    body = BlockedRunOut.of(run).model_dump_json()
+                run, _, decision = await service.read(rt, account_id, blocked_run_id)
+                body = BlockedRunOut.of(run, None, decision).model_dump_json()
+                if body != last:  # the run, or the decision it waits on, changed
+                    last = body
                     yield ServerSentEvent(data=body, event="state", id=str(run.version))
                 if run.state in TERMINAL_STATES and not run.pending:
                     return
                 with contextlib.suppress(TimeoutError):
                     # The timeout re-reads now and then, in case a notification was missed.
-                    await asyncio.wait_for(next_change_of(changes, str(blocked_run_id)), 15)
+                    await asyncio.wait_for(next_change_of(changes, *keys), 15)
 
     return EventSourceResponse(stream(), ping=15)

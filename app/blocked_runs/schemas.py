@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.blocked_runs.models import BlockedRun, HistoryEntry
-from app.blocked_runs.state_machine import State, actions_for
+from app.blocked_runs.state_machine import DECIDING_STATES, State, actions_for
 from app.input_text import StorableStr
+from app.organizations.models import Decision
 
 MAX_TOPUP = 1_000_000
 
@@ -86,11 +87,21 @@ class BlockedRunOut(BaseModel):
     history: list[Transition] | None = None
 
     @classmethod
-    def of(cls, run: BlockedRun, history: Sequence[HistoryEntry] | None = None) -> BlockedRunOut:
+    def of(
+        cls,
+        run: BlockedRun,
+        history: Sequence[HistoryEntry] | None = None,
+        decision: Decision | None = None,
+    ) -> BlockedRunOut:
+        """The run as a person sees it. While it waits on its organization's decision, the
+        decision's data (plans, checkout, top-up, its last problem) is the run's."""
+        source: BlockedRun | Decision = run
+        if decision is not None and run.state in DECIDING_STATES:
+            source = decision
         choosing = run.state in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT)
         error = (
-            Problem(code=run.error_code, message=run.error_message or "")
-            if run.error_code
+            Problem(code=source.error_code, message=source.error_message or "")
+            if source.error_code
             else None
         )
         return cls(
@@ -101,12 +112,12 @@ class BlockedRunOut(BaseModel):
             state=run.state,
             pending=run.pending,
             actions=actions_for(run.state, pending=run.pending),
-            plan=run.plan,
+            plan=source.plan,
             # Plans are offered while a plan is being chosen; afterwards they are history.
-            plans=run.plans if choosing else None,
-            chosen_plan_id=run.chosen_plan_id,
-            checkout_url=run.checkout_url if run.state == State.AWAITING_CHECKOUT else None,
-            topup=Topup.model_validate(run.topup) if run.topup else None,
+            plans=source.plans if choosing else None,
+            chosen_plan_id=source.chosen_plan_id,
+            checkout_url=source.checkout_url if run.state == State.AWAITING_CHECKOUT else None,
+            topup=Topup.model_validate(source.topup) if source.topup else None,
             error=error,
             version=run.version,
             created_at=run.created_at,

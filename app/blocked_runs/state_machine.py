@@ -11,15 +11,15 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.errors import Conflict
-from app.notifications import RUN_EVENTS_CHANNEL, notify
-from app.work_queue import cancel_pending
+from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
+from app.work_queue import JobKind, cancel_pending, organization_key
 
 
 class State(StrEnum):
@@ -36,20 +36,22 @@ class State(StrEnum):
 
 class Event(StrEnum):
     BLOCKED = "blocked"  # a credit-blocked run was detected or registered
+    # Moves of the organization's decision, applied to the runs waiting on it:
     PLAN_FREE = "plan_free"  # GET /plan: no paid plan; plans listed
     PLAN_PAID = "plan_paid"  # GET /plan: paid, auto top-up off
     PLAN_PAID_TOPUP_ON = "plan_paid_topup_on"  # GET /plan: paid, auto top-up already on
     UPGRADED = "upgraded"  # POST /plan/upgrade switched the plan at once
     CHECKOUT_REQUIRED = "checkout_required"  # POST /plan/upgrade answered a checkout_url
     CHECKOUT_CONFIRMED = "checkout_confirmed"  # a fresh GET /plan shows a paid plan
-    ORG_PLAN_PAID = "org_plan_paid"  # another run of the organization got it onto a paid plan
-    TOPUP_ENABLED = "topup_enabled"  # POST /credits/settings succeeded
+    CHECKOUT_EXPIRED = "checkout_expired"  # the checkout stayed open too long: choose again
+    TOPUP_ENABLED = "topup_enabled"  # POST /credits/settings succeeded (or was so already)
     TOPUP_DECLINED = "topup_declined"  # a person said no to auto top-up
-    ORG_TOPUP_ANSWERED = "org_topup_answered"  # answered on another run of the organization
+    ORG_TOPUP_ANSWERED = "org_topup_answered"  # blocked as the organization's answer landed
+    # The run's own moves:
     RESUME_ACCEPTED = "resume_accepted"  # POST resume succeeded, or the run runs again already
     RESUME_REFUSED = "resume_refused"  # POST resume answered 409 and the run is not running
     RESUME_LIMIT = "resume_limit"  # the run keeps blocking again after resumes
-    RUN_RESTARTED = "run_restarted"  # Mosaic says the run started again (resumed elsewhere)
+    RUN_RESTARTED = "run_restarted"  # Mosaic confirms the run runs again (resumed elsewhere)
     CANCEL = "cancel"
     GIVE_UP = "give_up"  # Mosaic stayed unreachable or refused a needed call
     EXPIRE = "expire"  # nobody answered within the decision TTL
@@ -77,22 +79,35 @@ TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
 # States that wait for a person; they expire when nobody answers.
 WAITING_STATES = frozenset({State.AWAITING_CHOICE, State.AWAITING_CHECKOUT, State.TOPUP_PROMPT})
 
+# States in which a run waits on its organization's decision.
+DECIDING_STATES = frozenset(
+    {State.CHECKING_PLAN, State.AWAITING_CHOICE, State.AWAITING_CHECKOUT, State.TOPUP_PROMPT}
+)
+
 S, E = State, Event
+_CHOOSING = (S.CHECKING_PLAN, S.AWAITING_CHOICE, S.AWAITING_CHECKOUT)
 TRANSITIONS: dict[tuple[State | None, Event], State] = {
     (None, E.BLOCKED): S.CHECKING_PLAN,
+    # The decision's moves. A run may lag a move behind its decision while a large
+    # organization is released in batches, so later moves also apply to earlier states.
     (S.CHECKING_PLAN, E.PLAN_FREE): S.AWAITING_CHOICE,
-    (S.CHECKING_PLAN, E.PLAN_PAID): S.TOPUP_PROMPT,
-    (S.CHECKING_PLAN, E.PLAN_PAID_TOPUP_ON): S.RESUMING,
-    (S.AWAITING_CHOICE, E.UPGRADED): S.TOPUP_PROMPT,
+    (S.AWAITING_CHECKOUT, E.CHECKOUT_EXPIRED): S.AWAITING_CHOICE,
+    (S.CHECKING_PLAN, E.CHECKOUT_REQUIRED): S.AWAITING_CHECKOUT,
     (S.AWAITING_CHOICE, E.CHECKOUT_REQUIRED): S.AWAITING_CHECKOUT,
-    (S.AWAITING_CHOICE, E.ORG_PLAN_PAID): S.TOPUP_PROMPT,
-    (S.AWAITING_CHECKOUT, E.CHECKOUT_CONFIRMED): S.TOPUP_PROMPT,
-    (S.AWAITING_CHECKOUT, E.UPGRADED): S.TOPUP_PROMPT,  # chose again, immediate this time
-    (S.AWAITING_CHECKOUT, E.CHECKOUT_REQUIRED): S.AWAITING_CHECKOUT,  # chose another plan
-    (S.AWAITING_CHECKOUT, E.ORG_PLAN_PAID): S.TOPUP_PROMPT,
-    (S.TOPUP_PROMPT, E.TOPUP_ENABLED): S.RESUMING,
-    (S.TOPUP_PROMPT, E.TOPUP_DECLINED): S.RESUMING,
-    (S.TOPUP_PROMPT, E.ORG_TOPUP_ANSWERED): S.RESUMING,
+    **{(state, E.PLAN_PAID): S.TOPUP_PROMPT for state in _CHOOSING},
+    **{(state, E.UPGRADED): S.TOPUP_PROMPT for state in _CHOOSING},
+    **{(state, E.CHECKOUT_CONFIRMED): S.TOPUP_PROMPT for state in _CHOOSING},
+    **{
+        (state, event): S.RESUMING
+        for state in DECIDING_STATES
+        for event in (
+            E.PLAN_PAID_TOPUP_ON,
+            E.TOPUP_ENABLED,
+            E.TOPUP_DECLINED,
+            E.ORG_TOPUP_ANSWERED,
+        )
+    },
+    # The run's own moves.
     (S.RESUMING, E.RESUME_ACCEPTED): S.RESUMED,
     (S.RESUMING, E.RESUME_REFUSED): S.FAILED,
     (S.RESUMING, E.RESUME_LIMIT): S.FAILED,
@@ -257,3 +272,91 @@ async def update_fields(session: AsyncSession, run: BlockedRun, **changes: Any) 
     await notify(session, RUN_EVENTS_CHANNEL, str(run.id))
     await session.refresh(run)
     return run
+
+
+# One batch of a set-based release: lock the runs in id order (the one lock order after the
+# decision's row), move them, and write their history (and resume steps) in the same statement.
+_RELEASE = """
+WITH picked AS (
+    SELECT id, state FROM blocked_runs
+    WHERE account_id = CAST(:account_id AS uuid) AND state = ANY(CAST(:froms AS text[]))
+    ORDER BY id
+    LIMIT :limit
+    FOR NO KEY UPDATE
+), moved AS (
+    UPDATE blocked_runs AS b
+    SET state = CAST(:to_state AS text), version = b.version + 1, updated_at = now(),
+        state_changed_at = now(),
+        plan = d.plan, topup = d.topup, chosen_plan_id = d.chosen_plan_id,
+        checkout_url = CASE WHEN CAST(:to_state AS text) = 'awaiting_checkout'
+                            THEN d.checkout_url END,
+        error_code = CAST(:error_code AS text), error_message = CAST(:error_message AS text)
+    FROM picked, organization_decisions AS d
+    WHERE b.id = picked.id AND d.account_id = b.account_id
+    RETURNING b.id, picked.state AS from_state
+), history AS (
+    INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
+    SELECT id, from_state, CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
+           CAST(:reason AS text)
+    FROM moved
+), steps AS (
+    INSERT INTO jobs (kind, account_id, blocked_run_id, give_up_at)
+    SELECT CAST(:resume AS text), CAST(:account_id AS uuid), id,
+           now() + make_interval(secs => CAST(:give_up AS double precision))
+    FROM moved
+    WHERE CAST(:to_state AS text) = 'resuming'
+    ON CONFLICT DO NOTHING
+)
+SELECT from_state, count(*) AS moved FROM moved GROUP BY from_state
+"""
+
+
+async def release(
+    session: AsyncSession,
+    account_id: uuid.UUID,
+    event: Event,
+    *,
+    actor: str,
+    reason: str,
+    limit: int,
+    give_up_after_seconds: float,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> int:
+    """Move up to `limit` of the account's runs that `event` applies to; how many moved.
+
+    Set-based: one statement per target state, whatever the number of runs, taking the decision
+    data (plan, top-up, checkout) from the organization's row. A run moved into `resuming` gets
+    its resume step in the same statement.
+    """
+    targets: dict[State, list[str]] = {}
+    for (source, on), target in TRANSITIONS.items():
+        if on is event and source in DECIDING_STATES:
+            targets.setdefault(target, []).append(source.value)
+    moved = 0
+    for target, sources in targets.items():
+        rows = await session.execute(
+            text(_RELEASE),
+            {
+                "account_id": account_id,
+                "froms": sorted(sources),
+                "limit": limit - moved,
+                "to_state": target.value,
+                "event": event.value,
+                "actor": actor,
+                "reason": reason,
+                "error_code": error_code,
+                "error_message": error_message,
+                "resume": JobKind.RESUME.value,
+                "give_up": give_up_after_seconds,
+            },
+        )
+        for from_state, count in rows.all():
+            metrics.TRANSITIONS.labels(from_state, target.value).inc(count)
+            moved += count
+        if moved >= limit:
+            break
+    if moved:
+        await notify(session, RUN_EVENTS_CHANNEL, organization_key(account_id))
+        await notify(session, JOBS_CHANNEL)
+    return moved

@@ -26,7 +26,7 @@ from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
 from app.webhooks.models import WebhookEvent
-from app.work_queue import ClaimedJob, NotYet, enqueue_verification, finish
+from app.work_queue import ClaimedJob, NotYet, begin_recording, enqueue_verification, finish
 
 MOSAIC = "mosaic"
 
@@ -148,19 +148,14 @@ async def _act(
         await _verify_later(rt, session, account_id, run_id, agent_id)
         return Outcome.ACCEPTED
     if flag == "RUN_STARTED" or (flag == "RUN_FINISHED" and status == "completed"):
-        episode = await repository.open_episode_for(session, account_id, run_id, lock=True)
+        episode = await repository.open_episode_for(session, account_id, run_id)
         if episode is None or episode.state == State.RESUMING:
             # While we resume it, our own step settles the outcome with Mosaic: the event may be
             # a late copy from before the block, and must not close the episode on its own.
             return Outcome.IGNORED
-        # The run moves again without us: someone resumed it elsewhere; this episode is over.
-        await transition(
-            session,
-            episode,
-            Event.RUN_RESTARTED,
-            actor=MOSAIC,
-            reason=f"Mosaic sent {flag} ({status or 'no status'}) for the run",
-        )
+        # Perhaps resumed elsewhere, perhaps a late or repeated copy from before the block
+        # (Mosaic documents no delivery order): a hint only. Mosaic decides.
+        await _verify_later(rt, session, account_id, run_id, agent_id)
         return Outcome.ACCEPTED
     return Outcome.IGNORED
 
@@ -197,25 +192,47 @@ async def _open(
     return Outcome.ACCEPTED if opened is not None else Outcome.DUPLICATE
 
 
+RUNNING_AGAIN = frozenset({"running", "completed"})
+
+
 async def verify_run(rt: Runtime, job: ClaimedJob) -> None:
-    """Is the run really credit-blocked? Ask Mosaic (run, then nodes) before opening an episode."""
+    """Ask Mosaic about a run (run, then nodes) before acting on what an event said of it.
+
+    Without an open episode: open one only if Mosaic confirms the run is blocked for credits.
+    With one (a RUN_STARTED or completed RUN_FINISHED arrived): close it only if Mosaic says the
+    run runs again. A request that arrives while this one is under way makes it run again
+    (`finish` refuses to close it), so no news is lost.
+    """
     run_id: str = job.payload["run_id"]
     async with rt.db.sessions() as session:
         episode = await repository.open_episode_for(session, job.account_id, run_id)
     if episode is not None and episode.state == State.RESUMING:
         raise NotYet(f"run {run_id} is being resumed")
-    if episode is not None:
-        async with rt.db.transaction() as session:
-            await finish(session, job)
-        return
     api_key = await rt.mosaic_key(job.account_id)
     agent_run, body = await rt.mosaic.get_run(api_key, run_id)
     blocked = agent_run.needs_credits or needs_credits(body)
     if not blocked and (agent_run.status or "").lower() == "failed":
         nodes = await rt.mosaic.get_run_nodes(api_key, run_id)
         blocked = any(node.needs_credits for node in nodes)
+    status = (agent_run.status or "").lower()
+    begin_recording(rt.settings.job_lease)
     async with rt.db.transaction() as session:
-        await finish(session, job)
+        if episode is not None:
+            run = await repository.lock(session, episode.id)
+            if not await finish(session, job):
+                return
+            if run.state in ACTIVE_STATES and run.state != State.RESUMING:
+                if not blocked and status in RUNNING_AGAIN:
+                    await transition(
+                        session,
+                        run,
+                        Event.RUN_RESTARTED,
+                        actor=MOSAIC,
+                        reason=f"Mosaic reports the run {status} again",
+                    )
+            return
+        if not await finish(session, job):
+            return
         if blocked:
             agent_id = agent_run.agent_id or job.payload.get("agent_id")
             await _open(

@@ -1,0 +1,74 @@
+"""The organization's decision over HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.blocked_runs.schemas import Problem, Topup
+from app.organizations.service import DecisionView
+from app.organizations.state_machine import DecisionState, actions_for
+
+
+class DecisionTransition(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    round: int
+    from_state: str
+    to_state: str
+    event: str
+    actor: str
+    reason: str | None
+    at: datetime = Field(validation_alias="created_at")
+
+
+class OrganizationOut(BaseModel):
+    """The one prompt per organization: what is being decided, and how many runs wait on it."""
+
+    account_id: uuid.UUID
+    state: str = Field(description=f"One of {[s.value for s in DecisionState]}.")
+    round: int = Field(description="How many times a blocked run made the plan a question.")
+    pending: bool = Field(description="A Mosaic step of the decision is under way.")
+    pending_step: str | None = Field(description="Which one (e.g. upgrade_plan).")
+    actions: list[str]
+    runs_waiting: int = Field(description="Blocked runs waiting on this decision.")
+    plan: dict[str, Any] | None
+    plans: list[dict[str, Any]] | None
+    chosen_plan_id: str | None
+    checkout_url: str | None
+    topup: Topup | None
+    error: Problem | None
+    decided_at: datetime | None
+    version: int
+    updated_at: datetime
+    history: list[DecisionTransition]
+
+    @classmethod
+    def of(cls, view: DecisionView) -> OrganizationOut:
+        d = view.decision
+        pending = view.pending_step is not None
+        choosing = d.state in (DecisionState.AWAITING_CHOICE, DecisionState.AWAITING_CHECKOUT)
+        return cls(
+            account_id=d.account_id,
+            state=d.state,
+            round=d.round,
+            pending=pending,
+            pending_step=view.pending_step.value if view.pending_step else None,
+            actions=actions_for(d.state, pending=pending),
+            runs_waiting=view.runs_waiting,
+            plan=d.plan,
+            plans=d.plans if choosing else None,
+            chosen_plan_id=d.chosen_plan_id,
+            checkout_url=d.checkout_url if d.state == DecisionState.AWAITING_CHECKOUT else None,
+            topup=Topup.model_validate(d.topup) if d.topup else None,
+            error=Problem(code=d.error_code, message=d.error_message or "")
+            if d.error_code
+            else None,
+            decided_at=d.decided_at,
+            version=d.version,
+            updated_at=d.updated_at,
+            history=[DecisionTransition.model_validate(h) for h in view.history],
+        )

@@ -20,6 +20,7 @@ import pytest_asyncio
 import uvicorn
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app import migrations
@@ -428,3 +429,22 @@ async def mosaic_calls(mosaic: httpx.AsyncClient, tenant: Tenant) -> list[tuple[
     calls = (await mosaic.get("/_sandbox/calls", params={"api_key": tenant.mosaic_key})).json()
     items = calls["calls"] if isinstance(calls, dict) else calls
     return [(c["method"], c["path"]) for c in items]
+
+
+async def verifications_settled(service: Service, run_id: str) -> None:
+    """Wait until every verification of this Mosaic run has finished and committed."""
+
+    async def done() -> bool:
+        async with service.runtime.db.sessions() as session:
+            statuses = (
+                await session.scalars(
+                    text(
+                        "SELECT status FROM jobs WHERE kind = 'verify_run' "
+                        "AND payload->>'run_id' = :r"
+                    ),
+                    {"r": run_id},
+                )
+            ).all()
+        return bool(statuses) and "pending" not in statuses
+
+    await eventually(done, what=f"the verification of {run_id} to finish")

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -189,6 +190,74 @@ async def test_migrations_go_up_and_down_and_match_the_models() -> None:
     assert await _tables(url) <= {"alembic_version"}
     await asyncio.to_thread(migrations.upgrade, url)
     assert "blocked_runs" in await _tables(url)
+
+
+async def test_the_organization_decision_migration_moves_existing_data() -> None:
+    url = await fresh_database("decision_migration", migrate=False)
+    await asyncio.to_thread(migrations.upgrade, url, "0003")
+    conn = await asyncpg.connect(str(make_url(url).set(drivername="postgresql")))
+    try:
+        accounts = {name: uuid.uuid4() for name in ("checkout", "answered", "checking", "quiet")}
+        for name, account_id in accounts.items():
+            await conn.execute(
+                "INSERT INTO accounts (id, name, mosaic_api_key_encrypted, webhook_secret_hash, "
+                "topup_answered_at) VALUES ($1, $2::text, 'x', 'y', "
+                "CASE WHEN $2::text = 'answered' THEN now() END)",
+                account_id,
+                name,
+            )
+
+        async def run(account: str, state: str, **fields: str) -> uuid.UUID:
+            run_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO blocked_runs (id, account_id, run_id, state, checkout_url, "
+                "chosen_plan_id) VALUES ($1, $2, $3, $4, $5, $6)",
+                run_id,
+                accounts[account],
+                f"mosaic-{run_id}",
+                state,
+                fields.get("checkout_url"),
+                fields.get("chosen_plan_id"),
+            )
+            return run_id
+
+        await run("checkout", "awaiting_choice")
+        await run(
+            "checkout", "awaiting_checkout", checkout_url="https://pay/1", chosen_plan_id="creator"
+        )
+        checking = await run("checking", "checking_plan")
+        await conn.execute(
+            "INSERT INTO jobs (kind, account_id, blocked_run_id, give_up_at) "
+            "VALUES ('check_plan', $1, $2, now() + interval '1 hour')",
+            accounts["checking"],
+            checking,
+        )
+        await conn.close()
+        await asyncio.to_thread(migrations.upgrade, url)
+        conn = await asyncpg.connect(str(make_url(url).set(drivername="postgresql")))
+        decisions = {
+            r["account_id"]: r for r in await conn.fetch("SELECT * FROM organization_decisions")
+        }
+        checkout = decisions[accounts["checkout"]]
+        assert checkout["state"] == "awaiting_checkout"
+        assert checkout["checkout_url"] == "https://pay/1"
+        assert checkout["chosen_plan_id"] == "creator"
+        assert decisions[accounts["answered"]]["state"] == "decided"
+        assert decisions[accounts["answered"]]["decided_at"] is not None
+        assert decisions[accounts["checking"]]["state"] == "checking_plan"
+        assert decisions[accounts["quiet"]]["state"] == "idle"
+        jobs = await conn.fetch(
+            "SELECT kind, account_id, blocked_run_id FROM jobs WHERE status = 'pending'"
+        )
+        pending = {(j["kind"], j["account_id"], j["blocked_run_id"]) for j in jobs}
+        # The run's own check became its organization's; the run lagging behind the
+        # organization's checkout is lined up by a release.
+        assert pending == {
+            ("check_plan", accounts["checking"], None),
+            ("release_runs", accounts["checkout"], None),
+        }
+    finally:
+        await conn.close()
 
 
 async def test_history_is_append_only_in_the_database(service, client, mosaic) -> None:

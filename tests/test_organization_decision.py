@@ -18,6 +18,7 @@ from sqlalchemy import insert, text
 
 from app.blocked_runs.models import Job
 from app.organizations import repository as decisions
+from app.organizations.service import INLINE_RELEASE, RELEASE_BATCH, expire_checkouts
 from app.work_queue import JobKind, claim_due
 from app.worker import execute
 from conftest import (
@@ -352,3 +353,195 @@ async def test_registering_a_run_that_was_just_resumed_opens_no_second_episode()
         )
         assert [i["state"] for i in listed.json()["items"]] == ["resumed"]
         assert ("GET", f"/agent_run/{run_id}") in await mosaic_calls(stack.mosaic, tenant)
+
+
+async def test_the_organization_shows_one_decision_and_acts_on_it(
+    client: httpx.AsyncClient, mosaic: httpx.AsyncClient
+) -> None:
+    tenant = await make_tenant(client, mosaic, checkout=False)
+    other = await make_tenant(client, mosaic)
+    idle = (await client.get("/v1/organization", headers=tenant.headers)).json()
+    assert (idle["state"], idle["actions"], idle["runs_waiting"]) == ("idle", [], 0)
+    nothing = await client.post(
+        "/v1/organization/choose-plan", json={"plan_id": "creator"}, headers=tenant.headers
+    )
+    assert_problem(nothing, 409, "nothing_waiting")
+    no_scope = await client.get("/v1/organization", headers=tenant.token("runs:register"))
+    assert no_scope.status_code == 403
+
+    runs = []
+    for _ in range(3):
+        run_id = await start_mosaic_run(mosaic, tenant)
+        blocked = await blocked_run_for(client, tenant, run_id)
+        runs.append(await wait_for_state(client, tenant, blocked["id"], "awaiting_choice"))
+    org = (await client.get("/v1/organization", headers=tenant.headers)).json()
+    assert org["state"] == "awaiting_choice"
+    assert org["actions"] == ["choose_plan"]
+    assert org["runs_waiting"] == 3
+    assert "creator" in [p["id"] for p in org["plans"]]
+    assert org["round"] == 1
+    # Another account's organization is its own.
+    theirs = (await client.get("/v1/organization", headers=other.headers)).json()
+    assert (theirs["state"], theirs["runs_waiting"]) == ("idle", 0)
+
+    unknown = await client.post(
+        "/v1/organization/choose-plan", json={"plan_id": "enterprise"}, headers=tenant.headers
+    )
+    assert_problem(unknown, 422, "plan_not_offered")
+    chosen = await client.post(
+        "/v1/organization/choose-plan", json={"plan_id": "creator"}, headers=tenant.headers
+    )
+    assert chosen.status_code == 200, chosen.text
+    assert chosen.json()["state"] == "topup_prompt"
+    assert chosen.json()["actions"] == ["topup"]
+    enabled = await client.post(
+        "/v1/organization/topup",
+        json={"enable": True, "threshold": 200, "quantity": 2000},
+        headers=tenant.headers,
+    )
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["state"] == "decided"
+    assert enabled.json()["topup"]["enabled"] is True
+    for run in runs:
+        done = await wait_for_state(client, tenant, run["id"], "resumed")
+        assert done["topup"]["threshold"] == 200
+    events = [h["event"] for h in enabled.json()["history"]]
+    assert events == ["blocked", "plan_free", "upgraded", "topup_enabled"]
+    calls = await mosaic_calls(mosaic, tenant)
+    assert calls.count(UPGRADE) == 1
+    assert calls.count(SETTINGS) == 1
+
+
+async def test_a_paid_checkout_moves_on_with_no_click() -> None:
+    async with isolated_stack("checkout_poll", checkout_poll=0.2, checkout_poll_max=0.4) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic)
+        first, second = await blocked_runs(stack, tenant, 2, "awaiting_choice")
+        chosen = await stack.client.post(
+            f"/v1/blocked-runs/{first['id']}/choose-plan",
+            json={"plan_id": "creator"},
+            headers=tenant.headers,
+        )
+        checkout_id = chosen.json()["checkout_url"].rstrip("/").rsplit("/", 1)[1]
+        sibling = (
+            await stack.client.get(f"/v1/blocked-runs/{second['id']}", headers=tenant.headers)
+        ).json()
+        assert sibling["checkout_url"] == chosen.json()["checkout_url"]
+        # The person pays and closes the tab: no confirm.
+        await stack.mosaic.post(f"/_sandbox/checkouts/{checkout_id}/complete")
+        for run in (first, second):
+            moved = await wait_for_state(stack.client, tenant, run["id"], "topup_prompt")
+            assert moved["plan"]["id"] == "creator"
+        org = (await stack.client.get("/v1/organization", headers=tenant.headers)).json()
+        assert org["history"][-1]["event"] == "checkout_confirmed"
+        assert org["history"][-1]["actor"] == "system"
+        assert (await mosaic_calls(stack.mosaic, tenant)).count(UPGRADE) == 1
+
+
+async def test_a_checkout_left_open_past_its_ttl_goes_back_to_a_choice() -> None:
+    async with isolated_stack("checkout_ttl", checkout_ttl=0) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic)
+        (run,) = await blocked_runs(stack, tenant, 1, "awaiting_choice")
+        chosen = await stack.client.post(
+            f"/v1/blocked-runs/{run['id']}/choose-plan",
+            json={"plan_id": "creator"},
+            headers=tenant.headers,
+        )
+        assert chosen.json()["state"] == "awaiting_checkout"
+        assert await expire_checkouts(stack.service.runtime) == 1
+        back = (
+            await stack.client.get(f"/v1/blocked-runs/{run['id']}", headers=tenant.headers)
+        ).json()
+        assert back["state"] == "awaiting_choice"
+        assert back["actions"] == ["choose_plan", "cancel"]
+        assert back["checkout_url"] is None
+        assert back["error"]["code"] == "checkout_expired"
+        assert back["history"][-1]["event"] == "checkout_expired"
+        async with stack.service.runtime.db.sessions() as session:
+            polls = await session.scalar(
+                text(
+                    "SELECT count(*) FROM jobs WHERE kind = 'poll_checkout' AND status = 'pending'"
+                )
+            )
+        assert polls == 0
+        again = await stack.client.post(
+            f"/v1/blocked-runs/{run['id']}/choose-plan",
+            json={"plan_id": "creator"},
+            headers=tenant.headers,
+        )
+        assert again.json()["state"] == "awaiting_checkout"
+        assert again.json()["error"] is None
+
+
+async def test_a_large_organization_is_released_in_bounded_batches() -> None:
+    count = 2 * RELEASE_BATCH + 300
+    async with isolated_stack("large_release", worker=False) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic, checkout=False)
+        rt = stack.service.runtime
+        run_id = await start_mosaic_run(stack.mosaic, tenant)
+        first = await blocked_run_for(stack.client, tenant, run_id)
+        (check,) = await claim_due(rt.db, "by-hand", limit=5, lease=rt.settings.job_lease)
+        await execute(rt, check)
+        # The rest of a large organization, blocked meanwhile.
+        async with rt.db.transaction() as session:
+            await session.execute(
+                text(
+                    "INSERT INTO blocked_runs (id, account_id, run_id, state) "
+                    "SELECT gen_random_uuid(), :a, 'seeded-' || g, 'awaiting_choice' "
+                    "FROM generate_series(2, :n) AS g"
+                ),
+                {"a": uuid.UUID(tenant.account_id), "n": count},
+            )
+
+        chosen = await stack.client.post(
+            "/v1/organization/choose-plan", json={"plan_id": "creator"}, headers=tenant.headers
+        )
+        assert chosen.json()["state"] == "topup_prompt"
+
+        async def states() -> dict[str, int]:
+            async with rt.db.sessions() as session:
+                rows = await session.execute(
+                    text(
+                        "SELECT state, count(*) FROM blocked_runs WHERE account_id = :a GROUP BY 1"
+                    ),
+                    {"a": uuid.UUID(tenant.account_id)},
+                )
+            return dict(rows.all())
+
+        assert (await states())["topup_prompt"] == INLINE_RELEASE
+        (release_job,) = await claim_due(rt.db, "by-hand", limit=5, lease=rt.settings.job_lease)
+        assert release_job.kind == "release_runs"
+        await execute(rt, release_job)
+        assert await states() == {"topup_prompt": count}
+
+        declined = await stack.client.post(
+            "/v1/organization/topup", json={"enable": False}, headers=tenant.headers
+        )
+        assert declined.json()["state"] == "decided"
+        jobs = await claim_due(
+            rt.db, "by-hand", limit=INLINE_RELEASE + 5, lease=rt.settings.job_lease
+        )
+        kinds = [j.kind for j in jobs]
+        assert kinds.count("release_runs") == 1
+        assert kinds.count("resume") == INLINE_RELEASE
+        await execute(rt, next(j for j in jobs if j.kind == "release_runs"))
+        assert await states() == {"resuming": count}
+        async with rt.db.sessions() as session:
+            per_run = await session.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE j.kind = 'resume') AS resumes, "
+                    "count(DISTINCT j.blocked_run_id) AS runs FROM jobs j WHERE j.account_id = :a"
+                ),
+                {"a": uuid.UUID(tenant.account_id)},
+            )
+            resumes, distinct = per_run.one()
+            moves = await session.scalar(
+                text(
+                    "SELECT count(*) FROM blocked_run_history h JOIN blocked_runs b "
+                    "ON b.id = h.blocked_run_id WHERE b.account_id = :a "
+                    "AND h.event = 'topup_declined'"
+                ),
+                {"a": uuid.UUID(tenant.account_id)},
+            )
+        assert resumes == distinct == count  # one resume step per run, none twice
+        assert moves == count
+        assert first["state"] == "checking_plan"

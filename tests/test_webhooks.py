@@ -24,6 +24,7 @@ from conftest import (
     make_tenant,
     mosaic_calls,
     start_mosaic_run,
+    verifications_settled,
     wait_for_state,
 )
 
@@ -147,25 +148,6 @@ async def test_progress_completed_and_unknown_events_open_nothing(
     assert listed.json()["items"] == []
 
 
-async def verification_done(service: Service, run_id: str) -> None:
-    """Wait until every verification of this run has finished (committed)."""
-
-    async def done() -> bool:
-        async with service.runtime.db.sessions() as session:
-            statuses = (
-                await session.scalars(
-                    text(
-                        "SELECT status FROM jobs WHERE kind = 'verify_run' "
-                        "AND payload->>'run_id' = :r"
-                    ),
-                    {"r": run_id},
-                )
-            ).all()
-        return bool(statuses) and "pending" not in statuses
-
-    await eventually(done, what="the verification job to finish")
-
-
 async def test_run_started_is_verified_and_closes_an_episode_mosaic_shows_running_again(
     client: httpx.AsyncClient, mosaic: httpx.AsyncClient
 ) -> None:
@@ -200,7 +182,7 @@ async def test_a_late_run_started_leaves_a_run_mosaic_still_shows_blocked_waitin
     late = {"flag": "RUN_STARTED", "run_id": run_id, "status": "running", "agent_id": "agent-1"}
     answer = await deliver(client, tenant, late | {"delivery": "late copy"})
     assert answer.json()["status"] == "accepted"
-    await verification_done(service, run_id)
+    await verifications_settled(service, run_id)
 
     still = (await client.get(f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers)).json()
     assert still["state"] == "awaiting_choice"

@@ -224,6 +224,13 @@ async def _locked_for_action(
                 pending=False,
                 actions=[a.value for a in RUN_ACTIONS[State(run.state)]],
             )
+    elif await repository.runs_waiting(session, account_id) == 0:
+        # Every run that asked was cancelled or expired: nothing to buy anything for.
+        raise IllegalTransition(
+            "No blocked run waits on the organization's decision.",
+            code="nothing_waiting",
+            state=decision.state,
+        )
     step = await repository.pending_step(session, account_id)
     require_action(decision, action, step.value if step else None)
     return decision

@@ -20,7 +20,13 @@ from sqlalchemy import delete, select, text
 from app import metrics
 from app.blocked_runs import repository
 from app.blocked_runs.models import BlockedRun, Job
-from app.blocked_runs.state_machine import ACTIVE_STATES, WAITING_STATES, Event, transition
+from app.blocked_runs.state_machine import (
+    ACTIVE_STATES,
+    WAITING_STATES,
+    Event,
+    release,
+    transition,
+)
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
@@ -133,6 +139,7 @@ async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None
             if job.kind in DECISION_STEP_KINDS:
                 decision = await organizations_repository.lock(session, job.account_id)
                 await finish(session, job, status="failed")
+                reason = f"{job.kind} gave up: {message}"
                 if decision.state in OPEN_STATES:
                     await decide(
                         rt,
@@ -140,7 +147,19 @@ async def give_up(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None
                         decision,
                         Event.GIVE_UP,
                         actor="system",
-                        reason=f"{job.kind} gave up: {message}",
+                        reason=reason,
+                        error_code=code,
+                        error_message=error_message,
+                    )
+                else:  # a check that never opened its round: its runs wait in checking_plan
+                    await release(
+                        session,
+                        job.account_id,
+                        Event.GIVE_UP,
+                        actor="system",
+                        reason=reason,
+                        limit=2**31 - 1,
+                        give_up_after_seconds=0,
                         error_code=code,
                         error_message=error_message,
                     )

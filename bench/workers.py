@@ -1,11 +1,12 @@
 """Benchmark 2: worker throughput and scaling, draining check_plan jobs.
 
-The benchmark has a database of its own (no one else's pending work to drain). Each round gets
-its own free sandbox organizations, accounts stored with the service's own code, and M fresh
-blocked runs opened with `open_blocked_run` (which records the check_plan job in the run's own
-transaction), with no worker running. Then the round's workers start and the clock runs until
-no job of the round is pending. A check_plan for a free organization is GET /plan, then
-GET /plan/list, then the run moves to awaiting_choice and records no further job.
+The benchmark has a database of its own (no one else's pending work to drain). A check_plan is
+an organization's (its decision reads the plan once for all its runs), so each round gets M free
+sandbox organizations, accounts stored with the service's own code, and one fresh blocked run
+each, opened with `open_blocked_run` (which records the decision's check_plan job in the run's
+own transaction), with no worker running. Then the round's workers start and the clock runs
+until no job of the round is pending. A check_plan for a free organization is GET /plan, then
+GET /plan/list, then the decision and its run move to awaiting_choice and record no further job.
 
 Rounds:
 - baseline: one `app.worker.Worker` on one `Runtime`, in this process;
@@ -217,7 +218,7 @@ async def _round(
     workers: StartWorkers,
 ) -> Round:
     result = Round(label=label, workers=count, jobs=jobs)
-    tenants = [await _make_tenant(setup, sandbox) for _ in range(config.organizations)]
+    tenants = [await _make_tenant(setup, sandbox) for _ in range(jobs)]
     accounts = [uuid.UUID(t.account_id) for t in tenants]
     await _open_runs(setup, tenants, jobs)
     (await sandbox.delete("/_sandbox/calls")).raise_for_status()
@@ -377,7 +378,7 @@ async def run(
     text = table(
         f"2. Worker throughput: drain {config.jobs} check_plan jobs (free orgs: GET /plan + "
         f"GET /plan/list each) per arrangement, in {repeats} alternating turns, "
-        f"{config.organizations} accounts per turn, worker_concurrency "
+        f"one organization per job, worker_concurrency "
         f"{settings.worker_concurrency} per worker, sandbox without faults",
         rows,
         baseline="1 worker",

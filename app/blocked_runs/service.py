@@ -41,8 +41,9 @@ async def open_blocked_run(
     reason: str,
 ) -> uuid.UUID | None:
     """Open an episode waiting on the organization's decision; None if one is open already."""
-    # The decision's lock first (the one lock order), so the run joins the decision as it is.
-    decision = await organizations_repository.lock(session, account_id)
+    # The decision's lock first (the one lock order), so the run joins the decision as it is;
+    # shared, so one organization's runs open side by side.
+    decision = await organizations_repository.lock_shared(session, account_id)
     opened = await open_episode(
         session,
         account_id=account_id,

@@ -16,15 +16,28 @@ from app.work_queue import DECISION_STEPS, JobKind
 
 
 async def lock(session: AsyncSession, account_id: uuid.UUID) -> Decision:
-    """Lock the account's decision (made on first use): the organization-wide mutex.
+    """Lock the account's decision (made on first use) to move it: the organization's mutex.
 
     FOR NO KEY UPDATE, so inserts that reference the account (runs, jobs, webhook rows) never
     wait on it, and it is taken before any run lock: one lock order everywhere, no deadlocks.
     """
+    return await _locked(session, account_id, read=False)
+
+
+async def lock_shared(session: AsyncSession, account_id: uuid.UUID) -> Decision:
+    """Hold the decision still while a new run joins it (FOR SHARE).
+
+    Runs of one organization open side by side, each seeing the decision as it is; a move of
+    the decision waits for them, and they for it, so none joins a state that has just passed.
+    """
+    return await _locked(session, account_id, read=True)
+
+
+async def _locked(session: AsyncSession, account_id: uuid.UUID, *, read: bool) -> Decision:
     stmt = (
         select(Decision)
         .where(Decision.account_id == account_id)
-        .with_for_update(key_share=True)
+        .with_for_update(read=read, key_share=not read)
         .execution_options(populate_existing=True)
     )
     decision = (await session.execute(stmt)).scalar_one_or_none()

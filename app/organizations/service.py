@@ -119,24 +119,15 @@ async def release_runs(
 async def join(rt: Runtime, session: AsyncSession, decision: Decision, run: BlockedRun) -> None:
     """A run (just opened or retried, in `checking_plan`) starts waiting on the decision.
 
-    The caller holds the decision's lock, so the run sees the decision as it is and no move of
-    the decision can pass it by.
+    The caller holds the decision's lock (shared is enough: joining never moves the decision),
+    so the run sees the decision as it is and no move of the decision can pass it by. When the
+    plan is a question again, the decision's check is recorded; the check itself opens the new
+    round (`steps.check_plan`).
     """
     state = DecisionState(decision.state)
     if state is DecisionState.DECIDED and not await _decision_covers(rt, session, decision, run):
         state = DecisionState.IDLE  # a new block after the answer: the plan is a question again
     if state is DecisionState.IDLE:
-        decision = await transition(
-            session,
-            decision,
-            Event.BLOCKED,
-            actor=SYSTEM,
-            reason=f"run {run.run_id} is blocked for credits",
-            plans=None,
-            checkout_url=None,
-            error_code=None,
-            error_message=None,
-        )
         await enqueue_decision_job(
             session,
             JobKind.CHECK_PLAN,

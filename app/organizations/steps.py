@@ -23,7 +23,7 @@ from app.mosaic import TOPUP_ELIGIBLE_PLANS, AutoTopup, MosaicError, PlanOffer, 
 from app.organizations import repository
 from app.organizations.models import Decision
 from app.organizations.service import RELEASE_BATCH, SYSTEM, decide, release_runs
-from app.organizations.state_machine import DecisionState, update_fields
+from app.organizations.state_machine import DecisionState, transition, update_fields
 from app.runtime import Runtime
 from app.work_queue import (
     ClaimedJob,
@@ -127,7 +127,26 @@ async def _on_paid(
 
 
 async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
-    """GET /plan; free → GET /plan/list and offer plans; paid → GET /credits for auto top-up."""
+    """Open a round of the decision, then GET /plan; free → GET /plan/list and offer plans;
+    paid → GET /credits for auto top-up."""
+    async with rt.db.transaction() as session:
+        decision = await repository.lock(session, job.account_id)
+        if decision.state in (DecisionState.IDLE, DecisionState.DECIDED):
+            await transition(
+                session,
+                decision,
+                Event.BLOCKED,
+                actor=SYSTEM,
+                reason="a blocked run made the organization's plan a question",
+                plans=None,
+                checkout_url=None,
+                checkout_opened_at=None,
+                error_code=None,
+                error_message=None,
+            )
+        elif decision.state != DecisionState.CHECKING_PLAN:
+            await finish(session, job)  # nothing to check: the decision is past it
+            return
     api_key = await rt.mosaic_key(job.account_id)
     reading = await _read_plan(rt, api_key, offers=True)
     begin_recording(rt.settings.job_lease)

@@ -127,12 +127,17 @@ def test_the_open_episode_index_names_exactly_the_active_states() -> None:
 
 
 def test_the_deciding_states_and_decision_steps_named_in_sql_agree_with_the_code() -> None:
-    from app.blocked_runs.models import DECIDING_STATES_SQL, DECISION_STEP_KINDS_SQL
+    from app.blocked_runs.models import (
+        AWAITED_KINDS_SQL,
+        DECIDING_STATES_SQL,
+        DECISION_STEP_KINDS_SQL,
+    )
     from app.blocked_runs.state_machine import DECIDING_STATES
-    from app.work_queue import DECISION_STEPS
+    from app.work_queue import DECISION_STEPS, JobKind
 
     def named(sql: str) -> set[str]:
         return {s.strip(" '") for s in sql.strip("()").split(",")}
 
     assert named(DECIDING_STATES_SQL) == {s.value for s in DECIDING_STATES}
     assert named(DECISION_STEP_KINDS_SQL) == {k.value for k in DECISION_STEPS}
+    assert named(AWAITED_KINDS_SQL) == {k.value for k in (*DECISION_STEPS, JobKind.RELEASE_RUNS)}

@@ -33,6 +33,8 @@ ACTIVE_STATES_SQL = (
 DECIDING_STATES_SQL = "('checking_plan','awaiting_choice','awaiting_checkout','topup_prompt')"
 # The Mosaic steps of an organization's decision: at most one pending per account at a time.
 DECISION_STEP_KINDS_SQL = "('check_plan','upgrade_plan','confirm_checkout','set_topup')"
+# What a run waiting on its decision waits for: a step of the decision, or its release.
+AWAITED_KINDS_SQL = "('check_plan','upgrade_plan','confirm_checkout','set_topup','release_runs')"
 
 
 class Job(Base):
@@ -134,7 +136,8 @@ class BlockedRun(Base):
     )
 
     # Derived, never stored: a system step is under way while a job for this run is pending,
-    # or, while the run waits on its organization's decision, while the decision has a step.
+    # or, while the run waits on its organization's decision, while the decision has a step
+    # under way or is still releasing its runs.
     pending: Mapped[bool] = column_property(
         or_(
             exists(
@@ -146,7 +149,7 @@ class BlockedRun(Base):
                     select(Job.id).where(
                         Job.account_id == account_id,
                         Job.status == "pending",
-                        text(f"jobs.kind IN {DECISION_STEP_KINDS_SQL}"),
+                        text(f"jobs.kind IN {AWAITED_KINDS_SQL}"),
                     )
                 ).correlate_except(Job),
             ),

@@ -113,6 +113,10 @@ def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
         "poll_interval": 0.5,
         "job_lease": 5,
         "give_up_after": 60,
+        # The suite fails authentication on purpose, all from 127.0.0.1; throttling has its
+        # own tests with low limits.
+        "auth_failures_per_source": 1_000_000,
+        "auth_failures_per_account": 1_000_000,
     }
     return Settings(**(values | overrides))
 

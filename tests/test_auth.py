@@ -511,3 +511,68 @@ async def test_an_unreachable_jwks_url_refuses_the_token_instead_of_crashing() -
 async def test_a_verifier_needs_a_key_source() -> None:
     with pytest.raises(ValueError, match="JWT"):
         TokenVerifier(Settings.model_construct(jwks_url=None, jwt_secret=None))
+
+
+async def test_a_token_naming_a_key_of_the_other_type_is_401_not_a_crash(
+    jwks: JwksServer,
+) -> None:
+    rsa_private, ec_private = rsa_key(), ec.generate_private_key(ec.SECP256R1())
+    jwks.publish(public_jwk(rsa_private, "rsa-1"))
+    jwks.publish(public_jwk(ec_private, "ec-1"))
+    verifier = jwks_verifier(jwks.url)
+    # Each was a TypeError inside PyJWT (a 500 with a traceback) for an unauthenticated caller.
+    rs_with_ec_kid = jwt.encode(
+        aud_claims(), rsa_private, algorithm="RS256", headers={"kid": "ec-1"}
+    )
+    es_with_rsa_kid = jwt.encode(
+        aud_claims(), ec_private, algorithm="ES256", headers={"kid": "rsa-1"}
+    )
+    for token in (rs_with_ec_kid, es_with_rsa_kid):
+        assert (await refused(verifier, token)).code == "invalid_token"
+    # The right pairings still pass through the same verifier.
+    good = jwt.encode(aud_claims(), ec_private, algorithm="ES256", headers={"kid": "ec-1"})
+    assert (await verifier.verify(good)).sub == "someone"
+
+
+async def test_unknown_kids_do_not_make_the_verifier_refetch_the_jwks_each_time(
+    jwks: JwksServer,
+) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    assert (await verifier.verify(jwt.encode(aud_claims(), key, "RS256", {"kid": "k1"}))).sub
+    fetched = jwks.fetches
+    for n in range(20):
+        token = jwt.encode(aud_claims(), key, algorithm="RS256", headers={"kid": f"guess-{n}"})
+        assert (await refused(verifier, token)).code == "invalid_token"
+    assert jwks.fetches == fetched  # refreshes are rate-limited, not driven by callers
+
+
+async def test_a_jwks_url_that_never_answers_is_given_up_on_quickly() -> None:
+    hung: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        verifier = jwks_verifier(f"http://127.0.0.1:{port}/jwks.json")
+        token = jwt.encode(aud_claims(), rsa_key(), algorithm="RS256", headers={"kid": "k1"})
+        # PyJWKClient waited 30 s in a thread; the cache gives up after a few seconds.
+        caught = await asyncio.wait_for(refused(verifier, token), 10)
+        assert caught.code == "invalid_token"
+    finally:
+        for writer in hung:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_jwks_token_without_this_services_audience_is_refused(jwks: JwksServer) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    for aud in (None, "another-service", ["another-service"]):
+        token = jwt.encode(aud_claims(aud=aud), key, algorithm="RS256", headers={"kid": "k1"})
+        assert (await refused(verifier, token)).code == "invalid_token"

@@ -378,7 +378,13 @@ async def test_answers_carry_nosniff_and_no_store(client: httpx.AsyncClient) -> 
         assert answer.headers["cache-control"] == "no-store"
 
 
-async def test_a_405_keeps_its_allow_header(client: httpx.AsyncClient) -> None:
+async def test_a_405_names_every_method_the_path_takes_in_allow(
+    client: httpx.AsyncClient,
+) -> None:
     answer = await client.delete("/v1/accounts")
     assert_problem(answer, 405, "method_not_allowed")
     assert answer.headers["allow"] == "POST"
+    # Two routes share this path; the answer names the methods of both.
+    answer = await client.delete("/v1/blocked-runs")
+    assert_problem(answer, 405, "method_not_allowed")
+    assert answer.headers["allow"] == "GET, POST"

@@ -184,8 +184,10 @@ async def authenticate(request: Request) -> Principal:
         principal = await verifier.verify(token.strip())
         if principal.account_id is not None:
             await verifier.ensure_account_exists(request, principal.account_id)
-    except Unauthorized:
-        throttle.failed(source)
+    except Unauthorized as exc:
+        # An expired token was signed with our key: an honest client late to refresh, not a guess.
+        if exc.code != "token_expired":
+            throttle.failed(source)
         raise
     return principal
 

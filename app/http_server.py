@@ -90,4 +90,5 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": max(1, round(settings.keep_alive_timeout.total_seconds())),
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "server_header": False,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
     }

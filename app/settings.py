@@ -122,8 +122,11 @@ class Settings(BaseSettings):
     # --- The edge: what one client may cost (docs/security.md) --------------------------------
     # Largest webhook body; every other route takes at most API_MAX_BODY (app/body_limit.py).
     max_webhook_body: int = Field(default=1_000_000, ge=1024, le=16_000_000)
-    # Open connections per process before new requests are answered 503.
-    max_connections: int = Field(default=1000, ge=1)
+    # Open connections per process before new requests are answered 503. Times the largest
+    # body, it bounds what request bodies can hold in memory (200 × 1 MB under a 512 Mi pod).
+    max_connections: int = Field(default=200, ge=1)
+    # Proxies whose X-Forwarded-For names the client (the address failures are counted by).
+    forwarded_allow_ips: str = "127.0.0.1"
     # Time a client has to send a request's headers, and an idle keep-alive connection's life.
     header_timeout: Duration = timedelta(seconds=10)
     keep_alive_timeout: Duration = timedelta(seconds=5)

@@ -19,6 +19,7 @@ from app.auth import mint_token
 from app.http_server import server_options
 from app.main import create_app
 from app.settings import Settings
+from app.throttle import FailureThrottle
 from conftest import (
     ADMIN,
     JWT_SECRET,
@@ -105,9 +106,10 @@ async def test_a_chunked_body_past_the_limit_is_cut_off_before_it_is_read(
     ("path", "size"),
     [
         ("/v1/accounts", 100_000_000),  # no token: refused for its size before the 401
-        (f"/v1/webhooks/mosaic/{uuid.uuid4()}", 1_000_001),
-        (f"/v1/blocked-runs/{uuid.uuid4()}/choose-plan", 64 * 1024 + 1),
+        ("/v1/webhooks/mosaic/7b0e7c52-3f7a-4c55-9d43-0b1f3f5a2e11", 1_000_001),
+        ("/v1/blocked-runs/5d6c2f0e-8a1b-4f7e-b2c3-9e4d5a6b7c8d/choose-plan", 64 * 1024 + 1),
     ],
+    ids=["accounts, no token", "webhook, unknown account", "run action"],
 )
 async def test_a_declared_length_past_the_limit_is_413_before_anything_is_read(
     service: Service, path: str, size: int
@@ -388,3 +390,19 @@ async def test_a_405_names_every_method_the_path_takes_in_allow(
     answer = await client.delete("/v1/blocked-runs")
     assert_problem(answer, 405, "method_not_allowed")
     assert answer.headers["allow"] == "GET, POST"
+
+
+async def test_a_throttled_key_may_try_again_once_its_bucket_refills() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(6, clock=lambda: now[0])  # six a minute: one back every 10 s
+    for _ in range(6):
+        assert throttle.retry_after("k") is None
+        throttle.failed("k")
+    assert throttle.retry_after("k") == 10
+    assert throttle.retry_after("another") is None
+    now[0] = 9.5
+    assert throttle.retry_after("k") == 1
+    now[0] = 10.5
+    assert throttle.retry_after("k") is None
+    throttle.failed("k")
+    assert throttle.retry_after("k") == 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -19,6 +18,7 @@ from app.errors import Forbidden, Unauthorized
 from app.input_text import storable
 from app.jwks import JwksKeys, KeyUnavailable
 from app.settings import Settings
+from app.stream_deadline import TOKEN_EXPIRES_AT
 from app.throttle import AuthThrottle
 
 # The actor recorded in history is "service:" + sub, in a 200-character column.
@@ -52,10 +52,6 @@ class Principal(BaseModel):
 
     def has(self, scope: Scope) -> bool:
         return scope.value in self.scopes
-
-    def seconds_left(self) -> float:
-        """How long the token stays valid (a long-lived stream must end when it does)."""
-        return math.inf if self.expires_at is None else self.expires_at - time.time()
 
 
 class TokenVerifier:
@@ -182,6 +178,8 @@ async def authenticate(request: Request) -> Principal:
     try:
         verifier: TokenVerifier = request.app.state.token_verifier
         principal = await verifier.verify(token.strip())
+        # A stream opened with this token ends when it expires (app/stream_deadline.py).
+        setattr(request.state, TOKEN_EXPIRES_AT, principal.expires_at)
         if principal.account_id is not None:
             await verifier.ensure_account_exists(request, principal.account_id)
     except Unauthorized as exc:

@@ -20,6 +20,7 @@ from app.errors import install_error_handlers
 from app.runtime import Runtime
 from app.security_headers import SecurityHeaders
 from app.settings import Settings, get_settings
+from app.stream_deadline import StreamDeadline
 from app.throttle import AuthThrottle
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
@@ -71,6 +72,7 @@ def create_app(
         default=API_MAX_BODY,
         by_prefix={"/v1/webhooks/": settings.max_webhook_body},
     )
+    app.add_middleware(StreamDeadline)
     app.add_middleware(SecurityHeaders)  # outermost, so every answer carries its headers
     install_error_handlers(app)
     app.include_router(accounts_router)

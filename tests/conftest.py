@@ -103,6 +103,10 @@ def free_port() -> int:
 def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": Environment.TEST,
+        # The suite fails authentication on purpose, all from 127.0.0.1; throttling has its
+        # own tests with low limits.
+        "auth_failures_per_source": 1_000_000,
+        "auth_failures_per_account": 1_000_000,
         "jwt_secret": JWT_SECRET,
         "encryption_key": ENCRYPTION_KEY,
         "public_url": f"http://127.0.0.1:{port}",
@@ -113,10 +117,6 @@ def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
         "poll_interval": 0.5,
         "job_lease": 5,
         "give_up_after": 60,
-        # The suite fails authentication on purpose, all from 127.0.0.1; throttling has its
-        # own tests with low limits.
-        "auth_failures_per_source": 1_000_000,
-        "auth_failures_per_account": 1_000_000,
     }
     return Settings(**(values | overrides))
 

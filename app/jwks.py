@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import jwt
 # here, before PyJWT is handed a key it cannot use (that raised TypeError: a 500).
 KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
 FETCH_TIMEOUT = 3.0
+log = logging.getLogger(__name__)
 MAX_DOCUMENT_BYTES = 256 * 1024
 
 
@@ -85,7 +87,8 @@ class JwksKeys:
                 }
             except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
                 # Keep the keys we had: an identity provider's blip must not log everyone out.
-                raise KeyUnavailable(f"the JWKS cannot be read: {type(exc).__name__}") from exc
+                log.warning("JWKS at %s cannot be read: %s", self.url, type(exc).__name__)
+                return
             self._keys = keys
             self._fetched_at = now
 

@@ -576,3 +576,18 @@ async def test_a_jwks_token_without_this_services_audience_is_refused(jwks: Jwks
     for aud in (None, "another-service", ["another-service"]):
         token = jwt.encode(aud_claims(aud=aud), key, algorithm="RS256", headers={"kid": "k1"})
         assert (await refused(verifier, token)).code == "invalid_token"
+
+
+async def test_keys_already_fetched_still_verify_while_the_jwks_url_is_down(
+    jwks: JwksServer,
+) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    token = jwt.encode(aud_claims(), key, algorithm="RS256", headers={"kid": "k1"})
+    assert (await verifier.verify(token)).sub == "someone"
+    jwks.server.shutdown()  # the identity provider goes away
+    jwks.server.server_close()
+    assert verifier._jwks is not None
+    verifier._jwks.max_age = verifier._jwks.min_refresh = 0  # every call tries to refresh
+    assert (await verifier.verify(token)).sub == "someone"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -12,9 +11,23 @@ from typing import Any
 import jwt
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
 
+from app.accounts.models import Account
 from app.errors import Forbidden, Unauthorized
+from app.input_text import storable
+from app.jwks import JwksKeys, KeyUnavailable
 from app.settings import Settings
+from app.stream_deadline import TOKEN_EXPIRES_AT
+from app.throttle import AuthThrottle
+
+# The actor recorded in history is "service:" + sub, in a 200-character column.
+MAX_SUB_LENGTH = 128
+# How long an account named by a token is taken to exist without asking the database again.
+KNOWN_ACCOUNT_SECONDS = 60.0
+KNOWN_ACCOUNTS_MAX = 10_000
+# What a hostile token can make decoding raise; each is the token's fault, answered 401.
+_MALFORMED = (jwt.PyJWTError, KeyUnavailable, ValueError, TypeError, KeyError, ArithmeticError)
 
 
 class Scope(StrEnum):
@@ -30,6 +43,8 @@ class Principal(BaseModel):
     sub: str
     account_id: uuid.UUID | None
     scopes: frozenset[str]
+    # When the token stops being valid (its `exp`, seconds since the epoch).
+    expires_at: float | None = None
 
     @property
     def actor(self) -> str:
@@ -45,10 +60,11 @@ class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
-        self._jwks: jwt.PyJWKClient | None = None
+        self._jwks: JwksKeys | None = None
         self._secret: str | None = None
+        self._known_accounts: dict[uuid.UUID, float] = {}
         if settings.jwks_url:
-            self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300)
+            self._jwks = JwksKeys(settings.jwks_url)
             self._algorithms = ["RS256", "ES256"]
         elif settings.jwt_secret is not None:
             self._secret = settings.jwt_secret.get_secret_value()
@@ -59,9 +75,8 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         try:
             if self._jwks is not None:
-                # PyJWKClient fetches over urllib; keep it off the event loop.
-                signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
-                key: Any = signing.key
+                header = jwt.get_unverified_header(token)
+                key: Any = await self._jwks.key_for(header.get("kid"), str(header.get("alg")))
             else:
                 key = self._secret
             claims = jwt.decode(
@@ -77,9 +92,23 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("The token has expired.", code="token_expired") from exc
-        except (jwt.PyJWTError, ValueError) as exc:
+        except _MALFORMED as exc:
             raise Unauthorized("The token is not valid.", code="invalid_token") from exc
         return principal_from_claims(claims)
+
+    async def ensure_account_exists(self, request: Request, account_id: uuid.UUID) -> None:
+        """A signed token may name an account that was never made (or is gone): refuse it."""
+        now = time.monotonic()
+        if self._known_accounts.get(account_id, 0.0) > now:
+            return
+        rt = request.app.state.runtime
+        async with rt.db.sessions() as session:
+            found = await session.scalar(select(Account.id).where(Account.id == account_id))
+        if found is None:
+            raise Unauthorized("The token's account does not exist.", code="unknown_account")
+        if len(self._known_accounts) >= KNOWN_ACCOUNTS_MAX:
+            self._known_accounts.clear()
+        self._known_accounts[account_id] = now + KNOWN_ACCOUNT_SECONDS
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
@@ -95,9 +124,20 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         account_id = uuid.UUID(str(account)) if account else None
     except ValueError as exc:
         raise Unauthorized("The token's account_id is malformed.", code="invalid_token") from exc
-    if not isinstance(claims.get("sub"), str):
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH or not _storable(sub):
         raise Unauthorized("The token's sub claim is malformed.", code="invalid_token")
-    return Principal(sub=claims["sub"], account_id=account_id, scopes=scopes)
+    exp = claims.get("exp")
+    expires_at = float(exp) if isinstance(exp, int | float) else None
+    return Principal(sub=sub, account_id=account_id, scopes=scopes, expires_at=expires_at)
+
+
+def _storable(text: str) -> bool:
+    try:
+        storable(text)
+    except ValueError:
+        return False
+    return True
 
 
 def mint_token(
@@ -121,13 +161,33 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+def client_address(request: Request) -> str | None:
+    """The caller's address (the proxy's X-Forwarded-For when uvicorn trusts that proxy)."""
+    return request.client.host if request.client else None
+
+
 async def authenticate(request: Request) -> Principal:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Send Authorization: Bearer <token>.", code="missing_token")
-    verifier: TokenVerifier = request.app.state.token_verifier
-    return await verifier.verify(token.strip())
+    # Only a presented token is a guess worth counting; a missing one costs nothing to refuse.
+    throttle: AuthThrottle = request.app.state.auth_throttle
+    source = client_address(request)
+    throttle.check(source)
+    try:
+        verifier: TokenVerifier = request.app.state.token_verifier
+        principal = await verifier.verify(token.strip())
+        # A stream opened with this token ends when it expires (app/stream_deadline.py).
+        setattr(request.state, TOKEN_EXPIRES_AT, principal.expires_at)
+        if principal.account_id is not None:
+            await verifier.ensure_account_exists(request, principal.account_id)
+    except Unauthorized as exc:
+        # An expired token was signed with our key: an honest client late to refresh, not a guess.
+        if exc.code != "token_expired":
+            throttle.failed(source)
+        raise
+    return principal
 
 
 def requires(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, Principal]]:

@@ -63,12 +63,15 @@ def serve(
     ] = None,
 ) -> None:
     """Run the HTTP API (and, by default, the worker) in one process."""
+    from app.http_server import server_options
     from app.main import create_app
 
     settings = get_settings()
     _logging(settings)
     app = create_app(settings, run_worker=worker)
-    uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=True)
+    uvicorn.run(
+        app, host=host, port=port, log_config=None, proxy_headers=True, **server_options(settings)
+    )
 
 
 @cli.command("worker")

@@ -22,3 +22,8 @@ def storable(value: str) -> str:
 
 
 StorableStr = Annotated[str, AfterValidator(storable)]
+
+
+# Mosaic's run ids are UUIDs; anything beyond this set could be read as more than one path
+# segment (`.`, `..`, `/`) by Mosaic or a proxy in between, so it is refused at the edge.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._~:-]{0,199}$"

@@ -15,14 +15,21 @@ from sqlalchemy import text
 from app.accounts.router import router as accounts_router
 from app.auth import TokenVerifier
 from app.blocked_runs.router import router as blocked_runs_router
+from app.body_limit import BodyLimit
 from app.errors import install_error_handlers
 from app.organizations.router import router as organization_router
 from app.runtime import Runtime
+from app.security_headers import SecurityHeaders
 from app.settings import Settings, get_settings
+from app.stream_deadline import StreamDeadline
+from app.throttle import AuthThrottle
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
+
+# Accounts and run actions take a few hundred bytes of JSON; 64 KiB leaves room for any of them.
+API_MAX_BODY = 64 * 1024
 
 
 def create_app(
@@ -57,6 +64,17 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.token_verifier = TokenVerifier(settings)
+    app.state.auth_throttle = AuthThrottle(
+        settings.auth_failures_per_source, settings.auth_failures_per_account
+    )
+    # Bodies are bounded while they arrive, before any route or authentication runs.
+    app.add_middleware(
+        BodyLimit,
+        default=API_MAX_BODY,
+        by_prefix={"/v1/webhooks/": settings.max_webhook_body},
+    )
+    app.add_middleware(StreamDeadline)
+    app.add_middleware(SecurityHeaders)  # outermost, so every answer carries its headers
     install_error_handlers(app)
     app.include_router(accounts_router)
     app.include_router(webhooks_router)

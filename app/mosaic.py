@@ -197,7 +197,8 @@ def needs_credits(payload: dict[str, Any]) -> bool:
     if _flagged(payload):
         return True
     for key in ("nodes", "updated_nodes"):
-        for node in payload.get(key) or []:
+        nodes = payload.get(key)
+        for node in nodes if isinstance(nodes, list) else []:
             if isinstance(node, dict) and _flagged(node):
                 return True
     return False
@@ -398,5 +399,10 @@ class MosaicClient:
 
 
 def _segment(value: str) -> str:
-    """Run ids come from webhooks and callers: keep them to one path segment."""
+    """Run ids come from webhooks and callers: keep them to one path segment.
+
+    Percent-encoding keeps `/` and `?` inside the segment, but `.` and `..` are path steps
+    whatever their encoding (URL normalisation folds %2E back), so they are refused outright."""
+    if not value.strip("."):
+        raise MosaicError(422, f"{value!r} cannot name a run")
     return quote(value, safe="")

@@ -19,10 +19,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Values that `unblock dev` uses; refused anywhere but dev so a demo secret never guards real data.
-DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
-DEV_ENCRYPTION_KEY = "ZGV2LW9ubHktZmVybmV0LWtleS1jaGFuZ2UtbWUhISE="
-
+from app import secret_policy
+from app.secret_policy import DEV_ENCRYPTION_KEY as DEV_ENCRYPTION_KEY
+from app.secret_policy import DEV_JWT_SECRET as DEV_JWT_SECRET
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -102,8 +101,19 @@ class Settings(BaseSettings):
             return self
         secret = self.jwt_secret.get_secret_value() if self.jwt_secret else None
         key = self.encryption_key.get_secret_value() if self.encryption_key else None
-        if secret == DEV_JWT_SECRET or (key and DEV_ENCRYPTION_KEY in key.split(",")):
-            raise ValueError("the dev placeholder secrets are refused outside UNBLOCK_ENV=dev")
+        if key and secret_policy.published_among(key.split(",")):
+            raise ValueError(
+                "UNBLOCK_ENCRYPTION_KEY holds a published example key; generate one with "
+                "Fernet.generate_key()"
+            )
+        if secret and (
+            reason := secret_policy.weakness(
+                secret,
+                min_length=secret_policy.JWT_SECRET_MIN_LENGTH,
+                min_bits=secret_policy.JWT_SECRET_MIN_BITS,
+            )
+        ):
+            raise ValueError(f"UNBLOCK_JWT_SECRET {reason}")
         if not secret and not self.jwks_url:
             raise ValueError("set UNBLOCK_JWT_SECRET or UNBLOCK_JWKS_URL")
         if not key:
@@ -115,6 +125,30 @@ class Settings(BaseSettings):
         if self.encryption_key is None:
             return []
         return [k.strip() for k in self.encryption_key.get_secret_value().split(",") if k.strip()]
+
+    # --- The edge: what one client may cost (docs/security.md) --------------------------------
+    # Largest webhook body; every other route takes at most API_MAX_BODY (app/body_limit.py).
+    max_webhook_body: int = Field(default=1_000_000, ge=1024, le=16_000_000)
+    # Open connections per process before new requests are answered 503. Times the largest
+    # body, it bounds what request bodies can hold in memory (200 × 1 MB under a 512 Mi pod).
+    max_connections: int = Field(default=200, ge=1)
+    # Proxies whose X-Forwarded-For names the client (the address failures are counted by).
+    forwarded_allow_ips: str = "127.0.0.1"
+    # Time a client has to send a request's headers, and an idle keep-alive connection's life.
+    header_timeout: Duration = timedelta(seconds=10)
+    keep_alive_timeout: Duration = timedelta(seconds=5)
+    # Failed authentications allowed per minute per client address, and per webhook account.
+    auth_failures_per_source: int = Field(default=30, ge=1)
+    auth_failures_per_account: int = Field(default=120, ge=1)
+
+    @model_validator(mode="after")
+    def _audience_with_jwks(self) -> Settings:
+        # A shared identity provider mints tokens for many services: only `aud` tells them apart.
+        if self.jwks_url and not self.jwt_audience:
+            raise ValueError(
+                "UNBLOCK_JWKS_URL needs UNBLOCK_JWT_AUDIENCE (this service's audience)"
+            )
+        return self
 
 
 @lru_cache

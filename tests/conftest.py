@@ -104,6 +104,10 @@ def free_port() -> int:
 def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": Environment.TEST,
+        # The suite fails authentication on purpose, all from 127.0.0.1; throttling has its
+        # own tests with low limits.
+        "auth_failures_per_source": 1_000_000,
+        "auth_failures_per_account": 1_000_000,
         "jwt_secret": JWT_SECRET,
         "encryption_key": ENCRYPTION_KEY,
         "public_url": f"http://127.0.0.1:{port}",

@@ -390,11 +390,20 @@ def public_jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) ->
     return jwk | {"kid": kid, "use": "sig"}
 
 
+AUDIENCE = "unblock"
+
+
+def aud_claims(**overrides: Any) -> dict[str, Any]:
+    """Claims for a JWKS-verified token: an identity provider's tokens name their audience."""
+    return claims(**({"aud": AUDIENCE} | overrides))
+
+
 def jwks_verifier(url: str, **overrides: Any) -> TokenVerifier:
     values: dict[str, Any] = {
         "env": Environment.TEST,
         "jwks_url": url,
         "jwt_secret": None,
+        "jwt_audience": AUDIENCE,
         "encryption_key": ENCRYPTION_KEY,
     }
     return TokenVerifier(Settings(**(values | overrides)))
@@ -411,7 +420,7 @@ async def test_an_rs256_token_is_verified_with_a_key_from_the_jwks_url(jwks: Jwk
     jwks.publish(public_jwk(key, "k1"))
     account_id = uuid.uuid4()
     token = jwt.encode(
-        claims(sub="svc-1", account_id=str(account_id), scope="runs:read runs:write"),
+        aud_claims(sub="svc-1", account_id=str(account_id), scope="runs:read runs:write"),
         key,
         algorithm="RS256",
         headers={"kid": "k1"},
@@ -426,7 +435,7 @@ async def test_an_rs256_token_is_verified_with_a_key_from_the_jwks_url(jwks: Jwk
 async def test_an_es256_token_is_verified_with_a_key_from_the_jwks_url(jwks: JwksServer) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     jwks.publish(public_jwk(key, "ec-1"))
-    token = jwt.encode(claims(sub="svc-2"), key, algorithm="ES256", headers={"kid": "ec-1"})
+    token = jwt.encode(aud_claims(sub="svc-2"), key, algorithm="ES256", headers={"kid": "ec-1"})
     principal = await jwks_verifier(jwks.url).verify(token)
     assert principal.sub == "svc-2"
     assert principal.account_id is None
@@ -438,12 +447,12 @@ async def test_a_jwks_verifier_refuses_an_rs256_token_signed_by_another_key(
     published, impostor = rsa_key(), rsa_key()
     jwks.publish(public_jwk(published, "k1"))
     verifier = jwks_verifier(jwks.url)
-    forged = jwt.encode(claims(), impostor, algorithm="RS256", headers={"kid": "k1"})
+    forged = jwt.encode(aud_claims(), impostor, algorithm="RS256", headers={"kid": "k1"})
     assert (await refused(verifier, forged)).code == "invalid_token"
-    unknown_kid = jwt.encode(claims(), impostor, algorithm="RS256", headers={"kid": "k2"})
+    unknown_kid = jwt.encode(aud_claims(), impostor, algorithm="RS256", headers={"kid": "k2"})
     assert (await refused(verifier, unknown_kid)).code == "invalid_token"
     # The genuine key still works through the same verifier.
-    genuine = jwt.encode(claims(), published, algorithm="RS256", headers={"kid": "k1"})
+    genuine = jwt.encode(aud_claims(), published, algorithm="RS256", headers={"kid": "k1"})
     assert (await verifier.verify(genuine)).sub == "someone"
 
 
@@ -458,12 +467,14 @@ async def test_a_jwks_verifier_refuses_hs256_and_none_algorithm_confusion(
     )
     # The classic attack: HMAC over the token with the (public) RSA key as the secret.
     for secret in (public_pem, json.dumps(public_jwk(key, "k1")).encode()):
-        confused = hand_made_token({"alg": "HS256", "typ": "JWT", "kid": "k1"}, claims(), secret)
+        confused = hand_made_token(
+            {"alg": "HS256", "typ": "JWT", "kid": "k1"}, aud_claims(), secret
+        )
         assert (await refused(verifier, confused)).code == "invalid_token"
-    unsigned = hand_made_token({"alg": "none", "typ": "JWT", "kid": "k1"}, claims(), None)
+    unsigned = hand_made_token({"alg": "none", "typ": "JWT", "kid": "k1"}, aud_claims(), None)
     assert (await refused(verifier, unsigned)).code == "invalid_token"
     # An HS256 token with the service's shared secret means nothing to a JWKS verifier.
-    shared = jwt.encode(claims(), JWT_SECRET, algorithm="HS256", headers={"kid": "k1"})
+    shared = jwt.encode(aud_claims(), JWT_SECRET, algorithm="HS256", headers={"kid": "k1"})
     assert (await refused(verifier, shared)).code == "invalid_token"
 
 
@@ -474,7 +485,7 @@ async def test_a_jwks_verifier_checks_expiry_audience_and_issuer(jwks: JwksServe
 
     def signed(**overrides: Any) -> str:
         return jwt.encode(
-            claims(aud="unblock", iss="https://idp.test") | overrides,
+            aud_claims(aud="unblock", iss="https://idp.test") | overrides,
             key,
             algorithm="RS256",
             headers={"kid": "k1"},
@@ -484,7 +495,7 @@ async def test_a_jwks_verifier_checks_expiry_audience_and_issuer(jwks: JwksServe
     assert (await refused(verifier, signed(exp=int(time.time()) - 60))).code == "token_expired"
     assert (await refused(verifier, signed(aud="someone-else"))).code == "invalid_token"
     assert (await refused(verifier, signed(iss="https://evil.test"))).code == "invalid_token"
-    no_sub = claims(aud="unblock", iss="https://idp.test", sub=None)
+    no_sub = aud_claims(aud="unblock", iss="https://idp.test", sub=None)
     token = jwt.encode(no_sub, key, algorithm="RS256", headers={"kid": "k1"})
     assert (await refused(verifier, token)).code == "invalid_token"
 
@@ -492,7 +503,7 @@ async def test_a_jwks_verifier_checks_expiry_audience_and_issuer(jwks: JwksServe
 async def test_an_unreachable_jwks_url_refuses_the_token_instead_of_crashing() -> None:
     key = rsa_key()
     verifier = jwks_verifier("http://127.0.0.1:9/jwks.json")
-    token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": "k1"})
+    token = jwt.encode(aud_claims(), key, algorithm="RS256", headers={"kid": "k1"})
     caught = await asyncio.wait_for(refused(verifier, token), 30)
     assert caught.status == 401
 
@@ -500,3 +511,83 @@ async def test_an_unreachable_jwks_url_refuses_the_token_instead_of_crashing() -
 async def test_a_verifier_needs_a_key_source() -> None:
     with pytest.raises(ValueError, match="JWT"):
         TokenVerifier(Settings.model_construct(jwks_url=None, jwt_secret=None))
+
+
+async def test_a_token_naming_a_key_of_the_other_type_is_401_not_a_crash(
+    jwks: JwksServer,
+) -> None:
+    rsa_private, ec_private = rsa_key(), ec.generate_private_key(ec.SECP256R1())
+    jwks.publish(public_jwk(rsa_private, "rsa-1"))
+    jwks.publish(public_jwk(ec_private, "ec-1"))
+    verifier = jwks_verifier(jwks.url)
+    # Each was a TypeError inside PyJWT (a 500 with a traceback) for an unauthenticated caller.
+    rs_with_ec_kid = jwt.encode(
+        aud_claims(), rsa_private, algorithm="RS256", headers={"kid": "ec-1"}
+    )
+    es_with_rsa_kid = jwt.encode(
+        aud_claims(), ec_private, algorithm="ES256", headers={"kid": "rsa-1"}
+    )
+    for token in (rs_with_ec_kid, es_with_rsa_kid):
+        assert (await refused(verifier, token)).code == "invalid_token"
+    # The right pairings still pass through the same verifier.
+    good = jwt.encode(aud_claims(), ec_private, algorithm="ES256", headers={"kid": "ec-1"})
+    assert (await verifier.verify(good)).sub == "someone"
+
+
+async def test_unknown_kids_do_not_make_the_verifier_refetch_the_jwks_each_time(
+    jwks: JwksServer,
+) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    assert (await verifier.verify(jwt.encode(aud_claims(), key, "RS256", {"kid": "k1"}))).sub
+    fetched = jwks.fetches
+    for n in range(20):
+        token = jwt.encode(aud_claims(), key, algorithm="RS256", headers={"kid": f"guess-{n}"})
+        assert (await refused(verifier, token)).code == "invalid_token"
+    assert jwks.fetches == fetched  # refreshes are rate-limited, not driven by callers
+
+
+async def test_a_jwks_url_that_never_answers_is_given_up_on_quickly() -> None:
+    hung: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        verifier = jwks_verifier(f"http://127.0.0.1:{port}/jwks.json")
+        token = jwt.encode(aud_claims(), rsa_key(), algorithm="RS256", headers={"kid": "k1"})
+        # PyJWKClient waited 30 s in a thread; the cache gives up after a few seconds.
+        caught = await asyncio.wait_for(refused(verifier, token), 10)
+        assert caught.code == "invalid_token"
+    finally:
+        for writer in hung:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_jwks_token_without_this_services_audience_is_refused(jwks: JwksServer) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    for aud in (None, "another-service", ["another-service"]):
+        token = jwt.encode(aud_claims(aud=aud), key, algorithm="RS256", headers={"kid": "k1"})
+        assert (await refused(verifier, token)).code == "invalid_token"
+
+
+async def test_keys_already_fetched_still_verify_while_the_jwks_url_is_down(
+    jwks: JwksServer,
+) -> None:
+    key = rsa_key()
+    jwks.publish(public_jwk(key, "k1"))
+    verifier = jwks_verifier(jwks.url)
+    token = jwt.encode(aud_claims(), key, algorithm="RS256", headers={"kid": "k1"})
+    assert (await verifier.verify(token)).sub == "someone"
+    jwks.server.shutdown()  # the identity provider goes away
+    jwks.server.server_close()
+    assert verifier._jwks is not None
+    verifier._jwks.max_age = verifier._jwks.min_refresh = 0  # every call tries to refresh
+    assert (await verifier.verify(token)).sub == "someone"

@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from pydantic import AliasChoices
+from cryptography.fernet import Fernet
+from pydantic import AliasChoices, ValidationError
 
 from app.cli import cli
 from app.settings import DEV_ENCRYPTION_KEY, DEV_JWT_SECRET, Environment, Settings
@@ -466,9 +468,15 @@ def test_every_container_environment_makes_valid_production_settings(
 ) -> None:
     from app.database import asyncpg_url
 
+    # Filled in as the example Secret says: the placeholders themselves are refused (below).
+    generated = {
+        "UNBLOCK_JWT_SECRET": secrets.token_urlsafe(48),
+        "UNBLOCK_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
     for obj in _workloads():
         for container in _containers(obj):
             env = _container_environment(container)
+            env |= {name: value for name, value in generated.items() if name in env}
             with clean_environment.context() as mp:
                 for name, value in env.items():
                     mp.setenv(name, value)
@@ -477,6 +485,23 @@ def test_every_container_environment_makes_valid_production_settings(
             assert settings.database_url, f"{container['name']}: no DATABASE_URL"
             asyncpg_url(settings.database_url)
             assert settings.encryption_keys, container["name"]
+
+
+@pytest.mark.parametrize("name", ["UNBLOCK_JWT_SECRET", "UNBLOCK_ENCRYPTION_KEY"])
+def test_the_example_secrets_placeholders_are_refused_in_production(
+    clean_environment: pytest.MonkeyPatch, name: str
+) -> None:
+    placeholder = _example_secret()["stringData"][name]
+    good = {
+        "UNBLOCK_JWT_SECRET": secrets.token_urlsafe(48),
+        "UNBLOCK_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    with clean_environment.context() as mp:
+        for key, value in (good | {name: f" {placeholder}\n"}).items():
+            mp.setenv(key, value)
+        mp.setenv("UNBLOCK_ENV", "production")
+        with pytest.raises(ValidationError, match=name):
+            Settings()
 
 
 # --------------------------------------------------------------------------------------------

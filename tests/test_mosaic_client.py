@@ -261,3 +261,21 @@ def test_lax_readings_of_plans_flags_and_topup_settings() -> None:
     assert (credits.auto_topup.enabled, credits.auto_topup.threshold) == (False, 0)
     assert needs_credits({"needs_credits": "false"}) is False
     assert needs_credits({"needsCredits": "true"}) is True
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("run_id", [".", "..", "...", ""])
+@respx.mock
+async def test_a_run_id_that_is_a_dot_segment_is_refused_without_calling_mosaic(
+    run_id: str,
+) -> None:
+    """`/agent_run/..` is `/` once normalised: GET / and POST /resume on Mosaic with the key."""
+    route = respx.route(url__startswith=BASE).mock(return_value=httpx.Response(200, json={}))
+    async with httpx.AsyncClient() as http:
+        client = MosaicClient(http, BASE)
+        for call in (client.get_run, client.get_run_nodes, client.resume_run):
+            with pytest.raises(MosaicError) as refused:
+                await call("mk_x", run_id)
+            assert refused.value.status == 422
+            assert not refused.value.transient  # a retry would refuse it again
+    assert not route.called

@@ -45,13 +45,20 @@ async def test_wrong_or_missing_signature_is_refused_and_nothing_is_stored(
     assert listed.json()["items"] == []
 
 
-async def test_unknown_account_is_404(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    answer = await client.post(
+async def test_an_unknown_account_is_answered_like_a_bad_signature(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    """No account-id oracle: whether the account exists cannot be told from the answer."""
+    unknown = await client.post(
         f"/v1/webhooks/mosaic/{uuid.uuid4()}",
         json=finished_event("r"),
         headers={"X-Mosaic-Signature": tenant.webhook_secret},
     )
-    assert answer.status_code == 404
+    wrong = await deliver(client, tenant, finished_event("r"), signature="whsec_wrong")
+    assert unknown.status_code == wrong.status_code == 401
+    assert unknown.json()["code"] == "bad_signature"
+    assert unknown.json() == wrong.json()
+    assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"]
 
 
 @pytest.mark.parametrize(
@@ -83,6 +90,25 @@ async def test_unknown_account_is_404(client: httpx.AsyncClient, tenant: Tenant)
         ),
         (json.dumps({"flag": "RUN_FINISHED", "run_id": "r1", "agent_id": "a" * 201}).encode(), 422),
         (b"x" * 1_000_001, 413),
+        # Numbers a double cannot hold were read as infinity, which jsonb refuses (a 500).
+        (b'{"flag": "RUN_FINISHED", "run_id": "r1", "status": "failed", "x": 1e400}', 400),
+        (b'{"flag": "RUN_FINISHED", "run_id": "r1", "status": "failed", "x": [-1e999]}', 400),
+        # The node lists are read by the service: any other type was a TypeError (a 500).
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": "r1", "nodes": 5}).encode(), 422),
+        (
+            json.dumps(
+                {"flag": "RUN_FINISHED", "run_id": "r1", "status": "failed", "nodes": 5}
+            ).encode(),
+            422,
+        ),
+        (json.dumps({"flag": "RUN_PROGRESS", "run_id": "r1", "updated_nodes": "x"}).encode(), 422),
+        # Run ids that would be more (or less) than one path segment at Mosaic.
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": ".", "needs_credits": True}).encode(), 422),
+        (json.dumps({"flag": "RUN_FINISHED", "run_id": "..", "status": "failed"}).encode(), 422),
+        (
+            json.dumps({"flag": "RUN_FINISHED", "run_id": "a/../b", "status": "failed"}).encode(),
+            422,
+        ),
     ],
 )
 async def test_malformed_bodies_are_4xx_never_5xx(

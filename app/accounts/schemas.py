@@ -8,6 +8,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from app.input_text import StorableStr, storable
+from app.secret_policy import WEBHOOK_SECRET_MIN_BITS, WEBHOOK_SECRET_MIN_LENGTH, weakness
 
 
 class AccountCreate(BaseModel):
@@ -27,6 +28,20 @@ class AccountCreate(BaseModel):
             raw = storable(value.get_secret_value())
             if not raw.strip() or raw != raw.strip() or len(raw) > 500:
                 raise ValueError("must be a non-empty string without surrounding spaces")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _strong_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Anyone who guesses it can open blocked runs for the account; leave it out to get one.
+        if value is not None and (
+            reason := weakness(
+                value.get_secret_value(),
+                min_length=WEBHOOK_SECRET_MIN_LENGTH,
+                min_bits=WEBHOOK_SECRET_MIN_BITS,
+            )
+        ):
+            raise ValueError(reason)
         return value
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app import input_text
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.blocked_runs.state_machine import DECIDING_STATES, State, actions_for
 from app.input_text import StorableStr
@@ -20,7 +21,7 @@ MAX_TOPUP = 1_000_000
 class RegisterRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run_id: StorableStr = Field(min_length=1, max_length=200, pattern=r"^\S+$")
+    run_id: StorableStr = Field(min_length=1, max_length=200, pattern=input_text.RUN_ID_PATTERN)
     agent_id: StorableStr | None = Field(default=None, max_length=200)
 
 

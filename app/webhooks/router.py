@@ -8,13 +8,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Request, status
 from pydantic import BaseModel
 
-from app.errors import DomainError
+from app.auth import client_address
+from app.errors import DomainError, NotFound, Unauthorized
 from app.runtime import Runtime, runtime
+from app.throttle import AuthThrottle
 from app.webhooks.service import receive
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-
-MAX_BODY = 1_000_000
 
 
 class WebhookAck(BaseModel):
@@ -39,8 +39,19 @@ async def mosaic_webhook(
     x_mosaic_signature: Annotated[str | None, Header()] = None,
 ) -> WebhookAck:
     """A Mosaic run event (RUN_STARTED, RUN_PROGRESS, RUN_FINISHED) for this account."""
+    throttle: AuthThrottle = request.app.state.auth_throttle
+    source, account = client_address(request), str(account_id)
+    throttle.check(source, account)
+    # BodyLimit (UNBLOCK_MAX_WEBHOOK_BODY) has already cut off a longer body as it arrived.
     raw = await request.body()
-    if len(raw) > MAX_BODY:
+    if len(raw) > rt.settings.max_webhook_body:
         raise DomainError("The event is too large.", status=413, code="payload_too_large")
-    outcome = await receive(rt, account_id, x_mosaic_signature, raw)
+    try:
+        outcome = await receive(rt, account_id, x_mosaic_signature, raw)
+    except (NotFound, Unauthorized) as exc:
+        if isinstance(exc, NotFound) and exc.code != "account_not_found":
+            raise
+        throttle.failed(source, account)
+        # An unknown account and a wrong signature look alike: the answer is no account oracle.
+        raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature") from None
     return WebhookAck(status=outcome.value)

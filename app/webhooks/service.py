@@ -25,6 +25,7 @@ from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, transiti
 from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
+from app.webhooks.event_shape import finite_float, shape_problem
 from app.webhooks.models import WebhookEvent
 from app.work_queue import ClaimedJob, NotYet, begin_recording, enqueue_verification, finish
 
@@ -56,7 +57,7 @@ def parse_event(raw: bytes) -> dict[str, Any]:
     if b"\x00" in raw or b"\\u0000" in raw:
         raise MalformedWebhook("NUL characters cannot be stored.", status=400, code="invalid_json")
     try:
-        payload = json.loads(raw, parse_constant=_no_constants)
+        payload = json.loads(raw, parse_constant=_no_constants, parse_float=finite_float)
     except (ValueError, RecursionError) as exc:
         raise MalformedWebhook("The body is not JSON.", status=400, code="invalid_json") from exc
     if not isinstance(payload, dict):
@@ -76,6 +77,8 @@ def parse_event(raw: bytes) -> dict[str, Any]:
             raise MalformedWebhook(f"`{field}` must be a string.")
         if value is not None and len(value) > limit:
             raise MalformedWebhook(f"`{field}` is longer than {limit} characters.")
+    if problem := shape_problem(payload):
+        raise MalformedWebhook(problem)
     return payload
 
 

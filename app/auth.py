@@ -13,6 +13,7 @@ import jwt
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
+from app import log as log_context
 from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
 
@@ -127,7 +128,10 @@ async def authenticate(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Send Authorization: Bearer <token>.", code="missing_token")
     verifier: TokenVerifier = request.app.state.token_verifier
-    return await verifier.verify(token.strip())
+    principal = await verifier.verify(token.strip())
+    if principal.account_id is not None:
+        log_context.bind(account_id=str(principal.account_id))
+    return principal
 
 
 def requires(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, Principal]]:

@@ -107,3 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
         return problem(exc.status_code, code, str(exc.detail))
+
+
+class OperatorError(Exception):
+    """Something an operator fixes (configuration, the database): one line, exit code 2."""

@@ -13,19 +13,20 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import select
 
-from app import metrics
+from app import log as log_context
+from app import maintenance, metrics
 from app.blocked_runs import repository
-from app.blocked_runs.models import BlockedRun, Job
-from app.blocked_runs.state_machine import ACTIVE_STATES, WAITING_STATES, Event, transition
+from app.blocked_runs.models import BlockedRun
+from app.blocked_runs.state_machine import ACTIVE_STATES, Event, transition
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
 from app.runtime import Runtime
-from app.webhooks.models import WebhookEvent
+from app.startup import wait_for_schema
 from app.webhooks.service import verify_run
 from app.work_queue import (
     ClaimedJob,
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 Step = Callable[[Runtime, ClaimedJob], Awaitable[None]]
 STEPS: dict[JobKind, Step] = {**RUN_STEPS, JobKind.VERIFY_RUN: verify_run}
-MAINTENANCE_EVERY = timedelta(seconds=30)
 
 
 def new_worker_id() -> str:
@@ -52,6 +52,8 @@ def new_worker_id() -> str:
 
 async def execute(rt: Runtime, job: ClaimedJob) -> None:
     """Run one claimed job to an outcome: done, rescheduled, or given up."""
+    log_context.bind(job_id=job.id, step=job.kind.value, account_id=str(job.account_id))
+    log_context.bind(blocked_run_id=str(job.blocked_run_id) if job.blocked_run_id else None)
     try:
         # A step must end well inside its lease, or another worker could repeat its calls.
         async with asyncio.timeout(rt.settings.job_lease.total_seconds() * 0.8):
@@ -155,18 +157,16 @@ class Worker:
         self.rt = rt
         self.worker_id = new_worker_id()
         self._running: set[asyncio.Task[None]] = set()
-        self._next_maintenance = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.rt.settings
+        if not await wait_for_schema(self.rt.db, stop):
+            return
         log.info("worker %s started", self.worker_id)
-        loop = asyncio.get_running_loop()
+        upkeep = asyncio.create_task(maintenance.run(self.rt, stop), name="maintenance")
         async with self.rt.listener.subscribe(JOBS_CHANNEL) as wake:
             while not stop.is_set():
                 try:
-                    if loop.time() >= self._next_maintenance:
-                        self._next_maintenance = loop.time() + MAINTENANCE_EVERY.total_seconds()
-                        await self.maintain()
                     free = settings.worker_concurrency - len(self._running)
                     claimed = []
                     if free > 0:
@@ -184,6 +184,7 @@ class Worker:
                 await self._idle(wake, stop, settings.poll_interval.total_seconds())
         if self._running:
             await asyncio.wait(self._running, timeout=settings.job_lease.total_seconds())
+        await upkeep
         log.info("worker %s stopped", self.worker_id)
 
     async def _idle(self, wake: asyncio.Queue[str], stop: asyncio.Event, poll: float) -> None:
@@ -197,41 +198,3 @@ class Worker:
                 waiter.cancel()
         while not wake.empty():
             wake.get_nowait()
-
-    async def maintain(self) -> None:
-        """Expire unanswered runs and prune old inbox rows and finished jobs (idempotent)."""
-        settings = self.rt.settings
-        async with self.rt.db.transaction() as session:
-            stale = (
-                (
-                    await session.execute(
-                        select(BlockedRun)
-                        .where(
-                            BlockedRun.state.in_([s.value for s in WAITING_STATES]),
-                            BlockedRun.state_changed_at
-                            < text("now() - make_interval(secs => :ttl)").bindparams(
-                                ttl=settings.decision_ttl.total_seconds()
-                            ),
-                        )
-                        .limit(100)
-                        .with_for_update(of=BlockedRun, skip_locked=True)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            for run in stale:
-                await transition(
-                    session,
-                    run,
-                    Event.EXPIRE,
-                    actor="system",
-                    reason=f"no answer within {settings.decision_ttl}",
-                )
-            retention = text("now() - make_interval(secs => :keep)").bindparams(
-                keep=settings.webhook_retention.total_seconds()
-            )
-            await session.execute(delete(WebhookEvent).where(WebhookEvent.received_at < retention))
-            await session.execute(
-                delete(Job).where(Job.status != "pending", Job.finished_at < retention)
-            )

@@ -173,6 +173,7 @@ async def run_dev(*, sock: socket.socket, sandbox_port: int, runs: int) -> None:
         uvicorn.Config(
             create_app(settings, database_url=database_url),
             log_config=None,
+            log_level="warning",  # the banner is what a newcomer reads; no access log under it
         )
     )
     # uvicorn owns SIGINT/SIGTERM here: when it stops serving, everything stops.

@@ -316,6 +316,35 @@ async def test_sigterm_stops_serve_and_its_embedded_postgres_even_after_a_crashe
     assert not _alive(postmaster), "the embedded PostgreSQL outlived `unblock serve`"
 
 
+async def test_a_killed_dev_takes_its_sandbox_with_it() -> None:
+    url = await fresh_database("ops_dev_kill")
+    port, sandbox_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UNBLOCK_", "MOSAIC_"))}
+    env |= {"DATABASE_URL": url, "UNBLOCK_LOG_LEVEL": "WARNING"}
+    args = ["dev", "--port", str(port), "--sandbox-port", str(sandbox_port), "--runs", "1"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", *args, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"Ctrl-C" not in (line := await proc.stdout.readline()):
+                assert line, "unblock dev stopped early"
+    finally:
+        proc.kill()  # no chance to clean up: the sandbox must go on its own
+        await proc.wait()
+
+    async def sandbox_gone() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", sandbox_port)
+        except OSError:
+            return True
+        writer.close()
+        return False
+
+    await eventually(sandbox_gone, timeout=10, what="the orphaned sandbox to exit")
+
+
 # --------------------------------------------------------------------------------------------
 # Logs
 

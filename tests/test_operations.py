@@ -493,3 +493,36 @@ async def test_a_runs_step_diagnostics_outlive_the_webhook_retention() -> None:
         finally:
             await conn.close()
         assert steps >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Small parts
+
+
+async def test_waiting_is_for_problems_that_pass_and_names_where() -> None:
+    from app.startup import _is_transient, explain
+
+    url = "postgresql+asyncpg://svc:pw@db.internal:6543/unblock"
+    shutting_down = asyncpg.CannotConnectNowError("the database system is shutting down")
+    assert _is_transient(shutting_down)
+    assert _is_transient(ConnectionRefusedError(111, "Connection refused"))
+    assert "db.internal:6543" in explain(shutting_down, url)
+    missing = asyncpg.InvalidCatalogNameError('database "unblock" does not exist')
+    assert not _is_transient(missing)
+    assert explain(missing, url).startswith('database "unblock" does not exist on db.internal:6543')
+    refused = asyncpg.InvalidPasswordError("password authentication failed")
+    assert not _is_transient(refused)
+    assert "'svc'" in explain(refused, url)
+    assert "pw" not in explain(refused, url).replace("password", "")
+
+
+async def test_secret_named_fields_are_redacted() -> None:
+    from app.log import _redact
+
+    event = {"event": "calling", "api_key": "mk_live", "Authorization": "Bearer x", "run_id": "r"}
+    assert _redact(None, "info", dict(event)) == {
+        "event": "calling",
+        "api_key": "[redacted]",
+        "Authorization": "[redacted]",
+        "run_id": "r",
+    }

@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 
-from sqlalchemy import select, text
+from sqlalchemy import Index, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.blocked_runs.models import BlockedRun
+from app.blocked_runs.models import BlockedRun, Job
 from app.blocked_runs.state_machine import WAITING_STATES, Event, transition
 from app.runtime import Runtime
 
@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 LOCK_KEY = 0x756E626C
 # Rows per statement: short transactions, so pruning never holds locks for long.
 BATCH = 500
+
+# The indexes the queries below need (revision 0004), declared beside them so that the models'
+# metadata and the migrations agree.
+Index("ix_blocked_runs_state_changed", BlockedRun.state, BlockedRun.state_changed_at)
+Index(
+    "ix_jobs_prunable",
+    Job.finished_at,
+    postgresql_where=text("blocked_run_id IS NULL AND status <> 'pending'"),
+)
 
 
 async def run(rt: Runtime, stop: asyncio.Event) -> None:

@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.accounts.models
 import app.blocked_runs.models
-import app.webhooks.models  # noqa: F401  (registers the tables on the metadata)
+import app.maintenance
+import app.webhooks.models  # noqa: F401  (registers the tables and indexes on the metadata)
 from app.database import Base, asyncpg_url, resolve_database_url
 from app.settings import Settings
 

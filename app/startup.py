@@ -14,7 +14,6 @@ from datetime import timedelta
 
 import asyncpg
 import uvicorn
-from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from tenacity import (
@@ -27,7 +26,6 @@ from tenacity import (
 
 from app.database import Database, plain_postgres_url
 from app.errors import OperatorError
-from app.migrations import alembic_config
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +110,12 @@ async def wait_for_database(url: str, wait: timedelta) -> None:
 @functools.cache
 def expected_revisions() -> frozenset[str]:
     """The Alembic heads this code was written for."""
+    # Imported here: every worker and API process starts through this module, and only this
+    # check needs Alembic.
+    from alembic.script import ScriptDirectory
+
+    from app.migrations import alembic_config
+
     script = ScriptDirectory.from_config(alembic_config(""))
     return frozenset(script.get_heads())
 

@@ -7,7 +7,8 @@
 #   docker run --rm --no-healthcheck ... unblock worker --metrics-port 9100  # worker only
 #   docker run --rm --no-healthcheck ... unblock migrate      # schema to head
 #
-# The project is installed in editable mode from /app; the Alembic scripts are in app/migrations.
+# The builder makes the project's wheel and installs it (with its Alembic scripts, which live in
+# the app package) into a virtualenv; the final stage holds that virtualenv and no source tree.
 
 # Both stages must use the same interpreter: the venv built in the first one is copied as is.
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -28,7 +29,7 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-WORKDIR /app
+WORKDIR /src
 
 # Dependencies first, in their own layer: rebuilt only when pyproject.toml changes. The version
 # ranges are the ones pyproject.toml declares.
@@ -37,10 +38,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
-# Then the project itself (see .dockerignore for what is left out).
+# Then the project itself, as the wheel any other install would get (see .dockerignore).
 COPY . .
-RUN pip install --no-deps -e . \
-    && python -m compileall -q app mosaic_sandbox
+RUN pip wheel --no-deps --wheel-dir /dist . \
+    && pip install --no-deps /dist/unblock-*.whl \
+    && python -m compileall -q /opt/venv/lib
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -58,8 +60,7 @@ RUN groupadd --system --gid 10001 unblock \
     && chown unblock:unblock /data
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /app /app
-WORKDIR /app
+WORKDIR /data
 
 # Numeric, so runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

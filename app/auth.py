@@ -13,6 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
+from app import log as log_context
 from app.accounts.models import Account
 from app.errors import Forbidden, Unauthorized
 from app.input_text import storable
@@ -187,6 +188,8 @@ async def authenticate(request: Request) -> Principal:
         if exc.code != "token_expired":
             throttle.failed(source)
         raise
+    if principal.account_id is not None:
+        log_context.bind(account_id=str(principal.account_id))
     return principal
 
 

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
+import socket
 import sys
 import uuid
-from typing import Annotated
+from datetime import timedelta
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, NoReturn
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
-from app.settings import Settings
-from app.settings import get_settings as _load_settings
+from app.errors import OperatorError
+from app.settings import DatabaseSettings, LogFormat, Settings, env_name
 
 cli = typer.Typer(
     help="unblock: gets credit-blocked Mosaic agent runs moving again.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 accounts_cli = typer.Typer(help="Manage accounts.", no_args_is_help=True)
 cli.add_typer(accounts_cli, name="accounts")
@@ -30,25 +33,81 @@ Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="Port to bind.")]
 
 
-def get_settings() -> Settings:
-    """The settings, or a one-line reason per problem and exit code 2."""
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"unblock {version('unblock')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("unblock (not installed)")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """unblock: gets credit-blocked Mosaic agent runs moving again."""
+
+
+def get_settings(kind: type[Settings] = Settings) -> Settings:
+    """The settings, or a one-line reason per problem (naming the variable) and exit code 2."""
     try:
-        return _load_settings()
+        return kind()
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(map(str, error["loc"])) or "configuration"
-            typer.echo(f"unblock: {where}: {error['msg']}", err=True)
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = env_name(field) if field else "configuration"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"unblock: {where}: {message}", err=True)
         raise typer.Exit(2) from None
 
 
 def _logging(settings: Settings | None = None) -> None:
+    from app import log
+
     # `dev` configures logging before its settings exist; the environment says the same then.
-    raw = settings.log_level if settings else os.environ.get("UNBLOCK_LOG_LEVEL", "INFO")
-    level = raw.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Request URLs to Mosaic are harmless, but keep httpx quiet: headers carry API keys.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    if settings is None:
+        level = os.environ.get("UNBLOCK_LOG_LEVEL", "INFO")
+        fmt = os.environ.get("UNBLOCK_LOG_FORMAT", "console").lower()
+        log.configure(level, LogFormat.JSON if fmt == "json" else LogFormat.CONSOLE)
+    else:
+        log.configure(settings.log_level, settings.log_format)
+
+
+def _database(settings: Settings, wait: timedelta) -> str:
+    """The database URL, once PostgreSQL answers (waiting up to `wait` for it)."""
+    from app.database import resolve_database_url
+    from app.startup import wait_for_database
+
+    url = resolve_database_url(settings)
+    asyncio.run(wait_for_database(url, wait))
+    return url
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn: a port in use is one line here, not a traceback later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OperatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _exit_cleanly_on_signals() -> None:
+    # Until uvicorn takes the signals over (and after, for what follows), a signal ends the
+    # command as SystemExit: atexit hooks still run, and the embedded PostgreSQL stops.
+    def stop(signum: int, _frame: object) -> NoReturn:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 @cli.command()
@@ -65,13 +124,16 @@ def serve(
     """Run the HTTP API (and, by default, the worker) in one process."""
     from app.http_server import server_options
     from app.main import create_app
+    from app.startup import Server
 
     settings = get_settings()
     _logging(settings)
-    app = create_app(settings, run_worker=worker)
-    uvicorn.run(
-        app, host=host, port=port, log_config=None, proxy_headers=True, **server_options(settings)
-    )
+    _exit_cleanly_on_signals()
+    sock = listen(host, port)
+    url = _database(settings, settings.database_wait)
+    app = create_app(settings, database_url=url, run_worker=worker)
+    config = uvicorn.Config(app, log_config=None, proxy_headers=True, **server_options(settings))
+    Server(config).run(sockets=[sock])
 
 
 @cli.command("worker")
@@ -83,18 +145,29 @@ def run_worker(
     """Run only the worker (for a deployment that scales it apart from the API)."""
     from prometheus_client import start_http_server
 
+    from app.database import resolve_database_url
     from app.runtime import Runtime
+    from app.startup import wait_for_database
     from app.worker import Worker
 
     settings = get_settings()
     _logging(settings)
+    url = resolve_database_url(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        rt = await Runtime.start(settings)
+        waiting = asyncio.create_task(wait_for_database(url, settings.database_wait))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            return
+        waiting.result()
+        rt = await Runtime.start(settings, url)
         if metrics_port is not None:  # up once the worker can run, so it doubles as liveness
             start_http_server(metrics_port)
         try:
@@ -112,11 +185,10 @@ def migrate(
 ) -> None:
     """Bring the database schema to a revision (default: the newest)."""
     from app import migrations
-    from app.database import resolve_database_url
 
-    settings = get_settings()
+    settings = get_settings(DatabaseSettings)
     _logging(settings)
-    url = resolve_database_url(settings)
+    url = _database(settings, settings.database_wait)
     if down:
         migrations.downgrade(url, revision)
     else:
@@ -156,7 +228,10 @@ def dev(
     from app.dev import run_dev
 
     _logging()
-    asyncio.run(run_dev(port=port, sandbox_port=sandbox_port, runs=runs))
+    _exit_cleanly_on_signals()
+    sock = listen("127.0.0.1", port)
+    listen("127.0.0.1", sandbox_port).close()  # the sandbox binds it; fail here if it cannot
+    asyncio.run(run_dev(sock=sock, sandbox_port=sandbox_port, runs=runs))
 
 
 @cli.command()
@@ -205,7 +280,7 @@ def create_account(
     from app.accounts import service
     from app.accounts.schemas import AccountCreate
     from app.accounts.secrets import Keyring
-    from app.database import Database, resolve_database_url
+    from app.database import Database
 
     settings = get_settings()
     try:
@@ -218,8 +293,10 @@ def create_account(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(problems) from None
 
+    url = _database(settings, timedelta(0))
+
     async def main() -> str:
-        db = Database(resolve_database_url(settings))
+        db = Database(url)
         try:
             async with db.transaction() as session:
                 created = await service.create(
@@ -240,12 +317,13 @@ def rotate_keys() -> None:
     """
     from app.accounts.secrets import Keyring
     from app.accounts.service import reencrypt_keys
-    from app.database import Database, resolve_database_url
+    from app.database import Database
 
     settings = get_settings()
+    url = _database(settings, timedelta(0))
 
     async def main() -> int:
-        db = Database(resolve_database_url(settings))
+        db = Database(url)
         try:
             async with db.transaction() as session:
                 return await reencrypt_keys(session, Keyring(settings.encryption_keys))
@@ -264,4 +342,9 @@ def openapi() -> None:
 
 
 def main() -> None:
-    cli()
+    """The `unblock` console script: operator errors end in one line and exit code 2."""
+    try:
+        cli()
+    except OperatorError as exc:
+        typer.echo(f"unblock: {exc}", err=True)
+        sys.exit(2)

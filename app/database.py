@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +20,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase
 
-from app.settings import Settings
+from app.errors import OperatorError
+from app.settings import Environment, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +54,55 @@ def asyncpg_url(url: str) -> str:
 
 def embedded_database_url(data_dir: Path) -> str:
     """Start (or join) a private PostgreSQL from the pgserver wheel inside data_dir."""
-    import pgserver  # imported lazily: only the no-DATABASE_URL path needs it
+    try:
+        import pgserver  # lazily: only the no-DATABASE_URL path needs it, from the extra
+    except ImportError:
+        raise OperatorError(
+            "DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+            "set DATABASE_URL, or pip install 'unblock[embedded]'"
+        ) from None
 
     pgdata = (data_dir / "postgres").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     uri: str = server.get_uri()
     log.info("embedded PostgreSQL running in %s", pgdata)
     return uri
 
 
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the pgserver handles of processes that died without cleaning up.
+
+    pgserver stops its PostgreSQL when the last process holding a handle exits; a handle left by
+    a killed process would keep it running forever, so a crashed run's handles are dropped here
+    (under pgserver's own lock) and this process's exit stops the server again.
+    """
+    import psutil  # pgserver's dependency
+    from pgserver.postgres_server import PostgresServer
+
+    handles = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if pid == os.getpid() or psutil.pid_exists(pid)]
+        if alive != pids:
+            log.info("embedded PostgreSQL: dropped %d stale handle(s)", len(pids) - len(alive))
+            handles.write_text(json.dumps(alive))
+
+
 def resolve_database_url(settings: Settings) -> str:
-    raw = settings.database_url or embedded_database_url(settings.data_dir)
-    return asyncpg_url(raw)
+    """DATABASE_URL; in dev and tests without one, an embedded PostgreSQL in the data dir."""
+    if settings.database_url:
+        return asyncpg_url(settings.database_url)
+    if settings.env is Environment.PRODUCTION:
+        raise OperatorError(
+            "DATABASE_URL is not set: point it at PostgreSQL (postgresql://user:pass@host:5432/db)"
+            ", or set UNBLOCK_ENV=dev for an embedded one"
+        )
+    return asyncpg_url(embedded_database_url(settings.data_dir))
 
 
 def plain_postgres_url(url: str) -> str:
@@ -78,10 +117,16 @@ def plain_postgres_url(url: str) -> str:
 class Database:
     """One engine and session factory per process, made in lifespan and disposed there."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, max_overflow: int = 10, **engine_kwargs: Any
+    ) -> None:
         self.url = asyncpg_url(url)
         self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_pre_ping=True, pool_size=10, max_overflow=10, **engine_kwargs
+            self.url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            **engine_kwargs,
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 

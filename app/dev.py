@@ -8,6 +8,7 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ from app import migrations
 from app.auth import mint_token
 from app.database import resolve_database_url
 from app.settings import DEV_ENCRYPTION_KEY, DEV_JWT_SECRET, Settings
+from app.startup import Server
 
 DEMO_AGENT = "agent-demo-video-edit"
 
@@ -146,9 +148,11 @@ The other runs of the organization move on with the same decisions. Ctrl-C stops
 """
 
 
-async def run_dev(*, port: int, sandbox_port: int, runs: int) -> None:
+async def run_dev(*, sock: socket.socket, sandbox_port: int, runs: int) -> None:
+    """Everything `unblock dev` runs, until a signal stops uvicorn; then all of it stops."""
     from app.main import create_app
 
+    port = sock.getsockname()[1]
     settings = dev_settings(port, sandbox_port)
     database_url = resolve_database_url(settings)
     migrations.upgrade(database_url)
@@ -163,17 +167,17 @@ async def run_dev(*, port: int, sandbox_port: int, runs: int) -> None:
         str(sandbox_port),
         "--step-delay",
         "0.2",
+        preexec_fn=_die_with_parent,
     )
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             create_app(settings, database_url=database_url),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
+            log_config=None,
+            log_level="warning",  # the banner is what a newcomer reads; no access log under it
         )
     )
     # uvicorn owns SIGINT/SIGTERM here: when it stops serving, everything stops.
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await _wait_until_up(sandbox_url, sandbox)
         while not server.started:

@@ -143,3 +143,7 @@ def _allowed_methods(request: Request) -> str:
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+class OperatorError(Exception):
+    """Something an operator fixes (configuration, the database): one line, exit code 2."""

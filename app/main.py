@@ -8,19 +8,22 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from app.accounts.router import router as accounts_router
 from app.auth import TokenVerifier
 from app.blocked_runs.router import router as blocked_runs_router
 from app.body_limit import BodyLimit
 from app.errors import install_error_handlers
+from app.log import RequestContext
 from app.organizations.router import router as organization_router
 from app.runtime import Runtime
 from app.security_headers import SecurityHeaders
 from app.settings import Settings, get_settings
+from app.startup import schema_problem
 from app.stream_deadline import StreamDeadline
 from app.throttle import AuthThrottle
 from app.webhooks.router import router as webhooks_router
@@ -57,7 +60,8 @@ def create_app(
                 await worker_task
             await rt.close()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc come from a package, so /docs works offline and behind strict CSPs.
+    app = FastAPIOffline(
         title="unblock",
         version="0.1.0",
         summary="Gets credit-blocked Mosaic agent runs moving again.",
@@ -67,13 +71,25 @@ def create_app(
     app.state.auth_throttle = AuthThrottle(
         settings.auth_failures_per_source, settings.auth_failures_per_account
     )
-    # Bodies are bounded while they arrive, before any route or authentication runs.
+    # Middleware added later wraps what was added before. Bodies are bounded while they
+    # arrive, before any route or authentication runs; every answer (CORS preflights and
+    # refusals included) carries the request id and the security headers.
     app.add_middleware(
         BodyLimit,
         default=API_MAX_BODY,
         by_prefix={"/v1/webhooks/": settings.max_webhook_body},
     )
     app.add_middleware(StreamDeadline)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContext)
     app.add_middleware(SecurityHeaders)  # outermost, so every answer carries its headers
     install_error_handlers(app)
     app.include_router(accounts_router)
@@ -88,13 +104,18 @@ def create_app(
 
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> JSONResponse:
-        """Readiness: the database answers."""
+        """Readiness: the database answers and its schema is the one this code expects."""
         try:
-            async with app.state.runtime.db.sessions() as session:
-                await asyncio.wait_for(session.execute(text("SELECT 1")), 2)
+            problem = await asyncio.wait_for(schema_problem(app.state.runtime.db), 2)
         except Exception as exc:
             log.warning("not ready: %s", exc)
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "detail": "the database does not answer"},
+                status_code=503,
+            )
+        if problem is not None:
+            log.warning("not ready: %s", problem)
+            return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)

@@ -1,12 +1,13 @@
 """The Mosaic API client: one shared httpx.AsyncClient, typed and tolerant models.
 
-The public docs disagree with themselves in places (mosaic-api.md §9); every model here accepts
+Mosaic's public docs disagree with themselves in places (docs/mosaic.md); every model here accepts
 each documented reading and ignores fields it does not know.
 """
 
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app import log as log_context
 from app import metrics
 from app.settings import Settings
 
@@ -25,6 +27,7 @@ TOPUP_ELIGIBLE_PLANS = frozenset(
 _FREE_PLAN_IDS = frozenset({"", "free", "none"})
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 class MosaicModel(BaseModel):
@@ -51,7 +54,7 @@ class PlanState(MosaicModel):
 
     @property
     def is_paid(self) -> bool:
-        """Free ⇔ no plan, an inactive plan, or an id that names no paid plan (mosaic-api.md §2)."""
+        """Free ⇔ no plan, an inactive plan, or an id that names no paid plan."""
         plan = self.plan
         if plan is None or not plan.id or plan.id.lower() in _FREE_PLAN_IDS:
             return False
@@ -296,25 +299,29 @@ class MosaicClient:
         self, endpoint: str, method: str, path: str, api_key: str, json: Any = None
     ) -> Any:
         started = time.perf_counter()
-        try:
-            response = await self._http.request(
-                method,
-                f"{self._base_url}{path}",
-                json=json,
-                headers={"Authorization": f"Bearer {api_key}"},
-            )
-        except httpx.HTTPError as exc:
-            metrics.MOSAIC_CALLS.labels(endpoint, "unreachable").inc()
-            # A refused or unopened connection never reached Mosaic; anything later may have.
-            reached = not isinstance(
-                exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
-            )
-            raise MosaicError(
-                None, f"{type(exc).__name__} calling {method} {endpoint}", reached=reached
-            ) from exc
-        finally:
-            metrics.MOSAIC_LATENCY.labels(endpoint).observe(time.perf_counter() - started)
-        metrics.MOSAIC_CALLS.labels(endpoint, str(response.status_code)).inc()
+        with log_context.context(mosaic_call=endpoint):
+            try:
+                response = await self._http.request(
+                    method,
+                    f"{self._base_url}{path}",
+                    json=json,
+                    headers={"Authorization": f"Bearer {api_key}"},
+                )
+            except httpx.HTTPError as exc:
+                metrics.MOSAIC_CALLS.labels(endpoint, "unreachable").inc()
+                log.warning("Mosaic %s unreachable: %s", endpoint, type(exc).__name__)
+                # A refused or unopened connection never reached Mosaic; anything later may have.
+                reached = not isinstance(
+                    exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                )
+                raise MosaicError(
+                    None, f"{type(exc).__name__} calling {method} {endpoint}", reached=reached
+                ) from exc
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.MOSAIC_LATENCY.labels(endpoint).observe(elapsed)
+            metrics.MOSAIC_CALLS.labels(endpoint, str(response.status_code)).inc()
+            log.debug("Mosaic %s answered %s in %.3fs", endpoint, response.status_code, elapsed)
         if response.is_success:
             try:
                 return response.json()

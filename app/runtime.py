@@ -38,7 +38,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:
         url = database_url or resolve_database_url(settings)
-        db = Database(url)
+        db = Database(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
         listener = Listener(plain_postgres_url(url))
         await listener.start()
         http = make_http_client(settings)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+from cryptography.fernet import Fernet
 from pydantic import (
     AliasChoices,
     BeforeValidator,
@@ -17,7 +18,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from app import secret_policy
 from app.secret_policy import DEV_ENCRYPTION_KEY as DEV_ENCRYPTION_KEY
@@ -41,6 +44,11 @@ class Environment(StrEnum):
     DEV = "dev"
     TEST = "test"
     PRODUCTION = "production"
+
+
+class LogFormat(StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
 
 
 class Settings(BaseSettings):
@@ -89,6 +97,50 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
+
+    # Operations: logs, start-up, upkeep, the connection pool, browsers on other origins.
+    log_format: LogFormat = LogFormat.CONSOLE
+    # How long serve/worker/migrate wait for an unreachable (or restarting) database at start.
+    database_wait: Duration = timedelta(minutes=5)
+    db_pool_size: int = Field(default=10, ge=1, le=1000)
+    db_max_overflow: int = Field(default=10, ge=0, le=1000)
+    maintenance_interval: Duration = timedelta(seconds=30)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError("is not a URL (postgresql://user:password@host:5432/dbname)") from None
+        if backend not in {"postgres", "postgresql"}:
+            raise ValueError(f"must be a postgresql:// URL, not {backend}://")
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        keys = [k.strip() for k in value.get_secret_value().split(",")] if value else []
+        for n, key in enumerate(k for k in keys if k):
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(
+                    f"key {n + 1} is not a Fernet key (32 url-safe base64-encoded bytes; "
+                    "make one with `python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())'`)"
+                ) from None
+        return value
 
     @field_validator("public_url", "mosaic_base_url")
     @classmethod
@@ -149,6 +201,24 @@ class Settings(BaseSettings):
                 "UNBLOCK_JWKS_URL needs UNBLOCK_JWT_AUDIENCE (this service's audience)"
             )
         return self
+
+
+class DatabaseSettings(Settings):
+    """What `unblock migrate` reads: the database only, not the secrets it never uses."""
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_outside_dev(self) -> DatabaseSettings:
+        return self
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a field (for messages to operators)."""
+    if field not in Settings.model_fields:
+        return field.upper()  # already a variable's name (an alias)
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"UNBLOCK_{field.upper()}"
 
 
 @lru_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
+import random
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -16,7 +16,6 @@ from sqlalchemy import case, text, update
 from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from tenacity import wait_random_exponential
 
 from app.blocked_runs.models import Job
 from app.database import Database
@@ -326,6 +325,6 @@ def backoff(
     attempts: int, *, base: timedelta, cap: timedelta, retry_after: float | None
 ) -> timedelta:
     """Exponential backoff with full jitter, never sooner than Mosaic's Retry-After."""
-    wait = wait_random_exponential(multiplier=base.total_seconds(), max=cap.total_seconds())
-    seconds = wait(types.SimpleNamespace(attempt_number=max(1, attempts)))  # type: ignore[arg-type]
-    return timedelta(seconds=max(seconds, retry_after or 0.0))
+    # Full jitter: uniform up to base * 2^(n-1), capped; the exponent is bounded against overflow.
+    ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** min(max(1, attempts) - 1, 60))
+    return timedelta(seconds=max(random.uniform(0, ceiling), retry_after or 0.0))

@@ -13,29 +13,24 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import select
 
-from app import metrics
+from app import log as log_context
+from app import maintenance, metrics
 from app.blocked_runs import repository
-from app.blocked_runs.models import BlockedRun, Job
-from app.blocked_runs.state_machine import (
-    ACTIVE_STATES,
-    WAITING_STATES,
-    Event,
-    release,
-    transition,
-)
+from app.blocked_runs.models import BlockedRun
+from app.blocked_runs.state_machine import ACTIVE_STATES, Event, release, transition
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
 from app.organizations import repository as organizations_repository
-from app.organizations.service import decide, expire_checkouts
+from app.organizations.service import decide
 from app.organizations.state_machine import OPEN_STATES
 from app.organizations.steps import HANDLERS as DECISION_STEPS
 from app.runtime import Runtime
-from app.webhooks.models import WebhookEvent
+from app.startup import wait_for_schema
 from app.webhooks.service import verify_run
 from app.work_queue import (
     DECISION_STEPS as DECISION_STEP_KINDS,
@@ -63,7 +58,6 @@ STEPS: dict[JobKind, Step] = {
     **RUN_STEPS,
     JobKind.VERIFY_RUN: verify_run,
 }
-MAINTENANCE_EVERY = timedelta(seconds=30)
 
 
 def new_worker_id() -> str:
@@ -72,6 +66,8 @@ def new_worker_id() -> str:
 
 async def execute(rt: Runtime, job: ClaimedJob) -> None:
     """Run one claimed job to an outcome: done, rescheduled, or given up."""
+    log_context.bind(job_id=job.id, step=job.kind.value, account_id=str(job.account_id))
+    log_context.bind(blocked_run_id=str(job.blocked_run_id) if job.blocked_run_id else None)
     try:
         # A step must end well inside its lease, or another worker could repeat its calls:
         # its Mosaic part gets MOSAIC_SHARE of the lease, and recording the outcome gets its
@@ -235,18 +231,16 @@ class Worker:
         self.rt = rt
         self.worker_id = new_worker_id()
         self._running: set[asyncio.Task[None]] = set()
-        self._next_maintenance = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.rt.settings
+        if not await wait_for_schema(self.rt.db, stop):
+            return
         log.info("worker %s started", self.worker_id)
-        loop = asyncio.get_running_loop()
+        upkeep = asyncio.create_task(maintenance.run(self.rt, stop), name="maintenance")
         async with self.rt.listener.subscribe(JOBS_CHANNEL) as wake:
             while not stop.is_set():
                 try:
-                    if loop.time() >= self._next_maintenance:
-                        self._next_maintenance = loop.time() + MAINTENANCE_EVERY.total_seconds()
-                        await self.maintain()
                     free = settings.worker_concurrency - len(self._running)
                     claimed = []
                     if free > 0:
@@ -264,6 +258,7 @@ class Worker:
                 await self._idle(wake, stop, settings.poll_interval.total_seconds())
         if self._running:
             await asyncio.wait(self._running, timeout=settings.job_lease.total_seconds())
+        await upkeep
         log.info("worker %s stopped", self.worker_id)
 
     async def _idle(self, wake: asyncio.Queue[str], stop: asyncio.Event, poll: float) -> None:
@@ -277,43 +272,3 @@ class Worker:
                 waiter.cancel()
         while not wake.empty():
             wake.get_nowait()
-
-    async def maintain(self) -> None:
-        """Expire unanswered runs and prune old inbox rows and finished jobs (idempotent)."""
-        settings = self.rt.settings
-        async with self.rt.db.transaction() as session:
-            stale = (
-                (
-                    await session.execute(
-                        select(BlockedRun)
-                        .where(
-                            BlockedRun.state.in_([s.value for s in WAITING_STATES]),
-                            BlockedRun.state_changed_at
-                            < text("now() - make_interval(secs => :ttl)").bindparams(
-                                ttl=settings.decision_ttl.total_seconds()
-                            ),
-                        )
-                        .limit(100)
-                        .with_for_update(of=BlockedRun, skip_locked=True)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            for run in stale:
-                await transition(
-                    session,
-                    run,
-                    Event.EXPIRE,
-                    actor="system",
-                    reason=f"no answer within {settings.decision_ttl}",
-                )
-        await expire_checkouts(self.rt)
-        async with self.rt.db.transaction() as session:
-            retention = text("now() - make_interval(secs => :keep)").bindparams(
-                keep=settings.webhook_retention.total_seconds()
-            )
-            await session.execute(delete(WebhookEvent).where(WebhookEvent.received_at < retention))
-            await session.execute(
-                delete(Job).where(Job.status != "pending", Job.finished_at < retention)
-            )

@@ -18,11 +18,11 @@ import httpx
 
 from bench import ingest, workers
 from bench.env import (
-    DATABASE_NAME,
     LOOPBACK,
     bench_settings,
     check_loopback,
     children,
+    drop_databases,
     free_port,
     fresh_database,
     start_sandbox,
@@ -56,6 +56,13 @@ async def main(args: argparse.Namespace) -> int:
         f"all traffic on {LOOPBACK}",
         flush=True,
     )
+    try:
+        return await _run(args, started)
+    finally:
+        await drop_databases()
+
+
+async def _run(args: argparse.Namespace, started: float) -> int:
     database_url = await fresh_database()
     ok = True
     async with children() as running:
@@ -86,7 +93,7 @@ async def main(args: argparse.Namespace) -> int:
             if args.only in (None, "workers"):
                 result = await workers.run(
                     bench_settings(free_port(), sandbox_proc.url),
-                    await fresh_database(f"{DATABASE_NAME}_workers"),
+                    await fresh_database("workers"),
                     sandbox,
                     sandbox_proc,
                     workers.WorkerConfig(

@@ -31,7 +31,10 @@ from app.settings import Environment, Settings
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DATABASE_NAME = "unblock_bench"
+# Named per run, so two benchmarks (or a benchmark and a test run) on one server never drop
+# each other's databases; each run drops its own at the end.
+RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+CREATED_DATABASES: list[str] = []
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
 
@@ -88,20 +91,33 @@ def admin_url() -> str:
     return str(pgserver.get_server(root, cleanup_mode="stop").get_uri())
 
 
-async def fresh_database(name: str = DATABASE_NAME) -> str:
-    """Drop and recreate a benchmark database, then migrate it to head."""
+async def fresh_database(purpose: str = "main") -> str:
+    """Create this run's database for `purpose`, then migrate it to head."""
     admin = make_url(admin_url())
     if admin.host not in (LOOPBACK, "localhost", None):
         raise SystemExit(f"refusing a database on {admin.host}: loopback only")
+    name = f"unblock_bench_{RUN_ID}_{purpose}"
     conn = await asyncpg.connect(str(admin.set(drivername="postgresql")))
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}"')
+        CREATED_DATABASES.append(name)
     finally:
         await conn.close()
     url = admin.set(database=name).render_as_string(hide_password=False)
     await asyncio.to_thread(migrations.upgrade, url)
     return url
+
+
+async def drop_databases() -> None:
+    """Drop the databases this run made (and only those)."""
+    admin = make_url(admin_url())
+    conn = await asyncpg.connect(str(admin.set(drivername="postgresql")))
+    try:
+        while CREATED_DATABASES:
+            name = CREATED_DATABASES.pop()
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Mosaic's plan catalogue, as the newest `GET /plan/list` publishes it (mosaic-api.md §3)."""
+"""Mosaic's plan catalogue, as the newest `GET /plan/list` publishes it (docs/mosaic.md)."""
 
 from dataclasses import dataclass
 

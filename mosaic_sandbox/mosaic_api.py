@@ -1,4 +1,5 @@
-"""The Mosaic API surface, with the newest shapes of mosaic-api.md unless a quirk says otherwise.
+"""The Mosaic API surface, in the newest documented shapes (docs/mosaic.md) unless a quirk
+says otherwise.
 
 Every handler is `async def` on purpose: they then run on the event loop, one at a time between
 awaits, like the run engine, so the shared state needs no locks.

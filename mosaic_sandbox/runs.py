@@ -3,7 +3,7 @@
 A run's N nodes execute in order, `step_delay` seconds each. A node spends its credits when it
 finishes; if the balance cannot cover it (after auto top-up had its chance) the node fails with
 `needs_credits` and the run finishes `failed` with "Insufficient credits" — the credit-blocked
-run of mosaic-api.md §6. Every status change is reported to the run's `callback_url`.
+run Mosaic documents. Every status change is reported to the run's `callback_url`.
 
 Node statuses used: `queued` (scheduled), `running`, `completed`, `failed`, `not_started` (a
 failure de-scheduled it), `cancelled`. `node_status_counts.in_progress` counts queued and running
@@ -215,7 +215,7 @@ def _render(sandbox: Sandbox, node: Node) -> Render:
     )
 
 
-# --- Shapes, as Mosaic answers them (mosaic-api.md §6, §7, §8) ---------------------------------
+# --- Shapes, as Mosaic answers them (docs/mosaic.md) ------------------------------------------
 
 
 def node_status_counts(run: Run) -> dict[str, int]:

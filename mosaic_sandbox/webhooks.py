@@ -1,6 +1,6 @@
 """Outgoing webhooks: delivered in the background, in order per run, retried with backoff.
 
-Mosaic documents no delivery policy (mosaic-api.md §7). The sandbox picks a strict one so that
+Mosaic documents no delivery policy (docs/mosaic.md). The sandbox picks a strict one so that
 receivers are exercised: one queue per run (a later event never overtakes an earlier one of the
 same run), exponential backoff on non-2xx answers and connection failures, and a log of every
 delivery that tests can read at `GET /_sandbox/webhooks`.
@@ -107,7 +107,7 @@ class WebhookDispatcher:
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         headers = {"Content-Type": "application/json", "User-Agent": "mosaic-sandbox"}
         if delivery.signature is not None:
-            # Mosaic sends the secret itself, in plaintext, not an HMAC (mosaic-api.md §7).
+            # Mosaic sends the secret itself, in plaintext, not an HMAC (docs/mosaic.md).
             headers[SIGNATURE_HEADER] = delivery.signature
         client = self._http_client()
         while delivery.attempts < self.max_attempts:

@@ -86,9 +86,9 @@ async def test_rotate_keys_re_encrypts_every_stored_key_under_the_newest_key() -
         Keyring([ENCRYPTION_KEY]).decrypt(token)
 
 
-async def test_migrate_refuses_a_bad_configuration_with_a_clear_message() -> None:
+async def test_serve_refuses_a_bad_configuration_with_a_clear_message() -> None:
     code, _, err = await unblock(
-        "migrate", env=env_for("postgresql://x@127.0.0.1:1/x", UNBLOCK_ENCRYPTION_KEY="")
+        "serve", env=env_for("postgresql://x@127.0.0.1:1/x", UNBLOCK_ENCRYPTION_KEY="")
     )
     assert code == 2
     assert "UNBLOCK_ENCRYPTION_KEY" in err

@@ -466,7 +466,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_every_container_environment_makes_valid_production_settings(
     clean_environment: pytest.MonkeyPatch,
 ) -> None:
+    from cryptography.fernet import Fernet
+
     from app.database import asyncpg_url
+    from app.settings import DatabaseSettings
 
     # Filled in as the example Secret says: the placeholders themselves are refused (below).
     generated = {
@@ -476,15 +479,20 @@ def test_every_container_environment_makes_valid_production_settings(
     for obj in _workloads():
         for container in _containers(obj):
             env = _container_environment(container)
+            migrates = container.get("args", [])[:1] == ["migrate"]
+            if migrates:
+                # `unblock migrate` needs the database only, and is given nothing more.
+                assert not {"UNBLOCK_JWT_SECRET", "UNBLOCK_ENCRYPTION_KEY"} & env.keys()
             env |= {name: value for name, value in generated.items() if name in env}
             with clean_environment.context() as mp:
                 for name, value in env.items():
                     mp.setenv(name, value)
-                settings = Settings()
+                settings = DatabaseSettings() if migrates else Settings()
             assert settings.env is Environment.PRODUCTION, container["name"]
             assert settings.database_url, f"{container['name']}: no DATABASE_URL"
             asyncpg_url(settings.database_url)
-            assert settings.encryption_keys, container["name"]
+            if not migrates:
+                assert settings.encryption_keys, container["name"]
 
 
 @pytest.mark.parametrize("name", ["UNBLOCK_JWT_SECRET", "UNBLOCK_ENCRYPTION_KEY"])
@@ -614,21 +622,20 @@ def test_dockerfile_final_stage_has_no_build_tools() -> None:
         assert tool not in runs, f"final stage installs {tool.strip()}"
 
 
-def test_dockerfile_keeps_migrations_next_to_app() -> None:
-    # The Alembic scripts live in the app package (app/migrations/); the project is installed
-    # editable from the source tree, and that tree is what the final stage copies.
+def test_dockerfile_installs_the_built_wheel_not_the_source_tree() -> None:
+    # The image runs what `pip install unblock` gets: the wheel, migrations inside the package.
     instructions = _dockerfile_instructions()
-    installs = [a for k, a in instructions if k == "RUN" and "pip install" in a]
-    assert any(re.search(r"pip install[^&;]*\s-e\s+\.", a) for a in installs)
-    workdirs = [a for k, a in instructions if k == "WORKDIR"]
-    source = workdirs[0]
+    runs = [a for k, a in instructions if k == "RUN"]
+    assert any(re.search(r"pip wheel\b.*--wheel-dir\s+(\S+)\s+\.", a) for a in runs)
+    assert any(re.search(r"pip install\b[^&;]*\.whl", a) for a in runs)
+    assert not any(re.search(r"pip install[^&;]*\s-e\s", a) for a in runs), "editable install"
     copies = [a.split() for k, a in _final_stage() if k == "COPY"]
-    assert any(c[-2:] == [source, source] for c in copies), f"{source} is not copied as is"
+    assert copies == [["--from=builder", "/opt/venv", "/opt/venv"]], copies
 
     from app import migrations
 
-    assert migrations.MIGRATIONS_DIR == ROOT / "app" / "migrations"
     assert (migrations.MIGRATIONS_DIR / "env.py").exists()
+    assert (migrations.MIGRATIONS_DIR / "script.py.mako").exists()
 
 
 def test_dockerignore_keeps_the_source_and_drops_local_state() -> None:
@@ -641,7 +648,7 @@ def test_dockerignore_keeps_the_source_and_drops_local_state() -> None:
     def ignored(path: str) -> bool:
         return any(fnmatch.fnmatch(path, p.lstrip("/").removeprefix("**/")) for p in patterns)
 
-    for needed in ("pyproject.toml", "app", "mosaic_sandbox"):
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "app", "mosaic_sandbox"):
         assert not ignored(needed), f".dockerignore drops {needed}"
     for dropped in (".venv", ".git", ".unblock", ".pytest_cache", "__pycache__"):
         assert ignored(dropped), f".dockerignore keeps {dropped}"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app.worker import Worker
+from app import maintenance
 from conftest import (
     blocked_run_for,
     eventually,
@@ -99,7 +99,7 @@ async def test_unanswered_runs_expire_and_old_inbox_rows_are_pruned() -> None:
         rt = stack.service.runtime
 
         async def expired() -> bool:
-            await Worker(rt).maintain()
+            await maintenance.maintain(rt)
             answer = await stack.client.get(
                 f"/v1/blocked-runs/{blocked['id']}", headers=tenant.headers
             )

@@ -47,6 +47,7 @@ SYSTEM = "system"
 # so neither a person's request nor a step's lease waits on a large organization.
 INLINE_RELEASE = 200
 RELEASE_BATCH = 1000
+CHECKOUT_BATCH = 100
 # How a newly blocked run joins a decision that is waiting on a person: the event that would
 # have brought it there.
 _JOIN_EVENT = {
@@ -354,7 +355,7 @@ async def expire_checkouts(rt: Runtime) -> int:
                         Decision.state == DecisionState.AWAITING_CHECKOUT.value,
                         Decision.checkout_opened_at < func.now() - ttl,
                     )
-                    .limit(100)
+                    .limit(CHECKOUT_BATCH)
                     .with_for_update(key_share=True, skip_locked=True)
                 )
             )

@@ -1,4 +1,4 @@
-"""Pydantic models of the documented Mosaic shapes (mosaic-api.md, newest copies).
+"""Pydantic models of the documented Mosaic shapes (docs/mosaic.md, newest copies).
 
 `extra="forbid"` wherever the document gives the whole shape, so a field the sandbox adds or
 renames fails the test that reads it.

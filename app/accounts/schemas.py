@@ -38,12 +38,14 @@ class AccountUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     monthly_topup_cap_usd: Decimal | None = Field(
+        default=None,
         ge=0,
         le=MAX_CAP_USD,
         max_digits=12,
         decimal_places=2,
         description="At most this much auto top-up spend in a worst-case month (USD); null: "
-        "no cap. Settings that could cost more are refused (`topup_over_spend_cap`).",
+        "no cap; omitted: unchanged. Settings that could cost more are refused "
+        "(`topup_over_spend_cap`).",
     )
 
 

@@ -25,7 +25,7 @@ const DECISION_WORDS = {
   awaiting_choice: "Your organization is on no paid plan. Choose one to get its runs going.",
   awaiting_checkout: "A checkout is open for the {plan} plan.",
   topup_prompt: "Your organization is on the {plan} plan. One last question: auto top-up.",
-  decided: "Decided. The runs are resuming.",
+  decided: "Decided: the {plan} plan, auto top-up {topup}.",
 };
 // What a person can do about each problem code (problem+json `code`, or a stored `error`).
 const TODO = {
@@ -43,7 +43,7 @@ const TODO = {
   upgrade_refused: "Choose another plan, or contact Mosaic's support.",
   topup_not_allowed: "This plan does not allow auto top-up. Answer “Not now”.",
   topup_refused: "Check the values, or answer “Not now”.",
-  topup_over_spend_cap: "Lower the quantity, answer “Not now”, or ask an admin to raise the cap.",
+  topup_over_spend_cap: "Change the quantity as the message says, answer “Not now”, or ask an admin to raise the cap.",
   topup_price_unknown: "Answer “Not now”, or ask an admin to clear the cap.",
   validation_error: "Check the values you entered.",
   mosaic_unavailable: "Mosaic could not be reached. Retry the run in a few minutes.",
@@ -167,7 +167,10 @@ async function act(path, body, busyText) {
     } else {
       onRun(answer);
     }
-    say(answer.pending ? "Sent. Waiting for Mosaic…" : "Done.");
+    const now = answer.run_id
+      ? `Run ${answer.run_id}: ${RUN_WORDS[answer.state] ?? answer.state}.`
+      : describe(answer);
+    say(answer.pending ? "Sent. Waiting for Mosaic…" : now);
     return answer;
   } catch (err) {
     say("");
@@ -214,11 +217,17 @@ function el(tag, text, className) {
   return node;
 }
 
+function describe(d) {
+  const plan = d.plan?.id ?? d.chosen_plan_id ?? "chosen";
+  return (DECISION_WORDS[d.state] ?? d.state)
+    .replace("{plan}", plan)
+    .replace("{topup}", d.topup?.enabled ? "on" : "off");
+}
+
 function renderOrganization() {
   const d = org;
   $("decision").hidden = false;
-  const plan = d.plan?.id ?? d.chosen_plan_id ?? "chosen";
-  $("decision-summary").textContent = (DECISION_WORDS[d.state] ?? d.state).replace("{plan}", plan);
+  $("decision-summary").textContent = describe(d);
   if (d.runs_waiting > 0) {
     const runsText = d.runs_waiting === 1 ? "1 run waits" : `${d.runs_waiting} runs wait`;
     $("decision-summary").textContent += ` ${runsText} on this decision.`;
@@ -230,7 +239,11 @@ function renderOrganization() {
     $("decision-error-detail").textContent = `${d.error.message} (${d.error.code})`;
     $("decision-error-todo").textContent = TODO[d.error.code] ?? ASK_AGAIN;
   }
-  $("choose").hidden = !d.actions.includes("choose_plan") || d.state === "awaiting_checkout";
+  // While a checkout is open, another plan may replace it (the open one is left out).
+  const checkingOut = d.state === "awaiting_checkout";
+  $("choose").hidden = !d.actions.includes("choose_plan");
+  $("choose-title").textContent = checkingOut ? "Or choose another plan" : "Choose a plan";
+  $("choose-intro").hidden = checkingOut;
   $("checkout").hidden = d.state !== "awaiting_checkout";
   $("topup").hidden = !d.actions.includes("topup");
   $("confirm").disabled = d.pending;
@@ -243,6 +256,7 @@ function renderPlans(d) {
   const list = $("plans");
   list.replaceChildren();
   for (const p of d.plans ?? []) {
+    if (d.state === "awaiting_checkout" && p.id === d.chosen_plan_id) continue;
     const item = el("li", undefined, "plan");
     item.append(el("h4", p.id));
     const period = p.billing === "annual" ? "year" : "month";
@@ -351,7 +365,7 @@ async function start() {
   if (back === "paid" && org?.actions.includes("confirm_checkout")) {
     await act("/v1/organization/confirm-checkout", null, "Welcome back. Checking the payment with Mosaic…");
   } else if (back === "cancelled") {
-    say("The checkout was cancelled; nothing was charged. Open it again, or choose another plan.");
+    say("The checkout was cancelled; nothing was charged. Choose a plan below to start again.");
   }
 }
 

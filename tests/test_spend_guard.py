@@ -30,7 +30,7 @@ SETTINGS = ("POST", "/credits/settings")
 CREATOR = TopupPrice("creator", Decimal(2), 2500)
 
 
-def test_a_worst_case_month_buys_the_plans_monthly_credits_over_again() -> None:
+async def test_a_worst_case_month_buys_the_plans_monthly_credits_over_again() -> None:
     assert CREATOR.one_topup_usd(1000) == Decimal("20.00")
     assert CREATOR.topups_in_worst_month(1000) == 3  # 2,500 credits take three of 1,000
     assert CREATOR.worst_month_usd(1000) == Decimal("60.00")
@@ -48,7 +48,7 @@ def test_a_worst_case_month_buys_the_plans_monthly_credits_over_again() -> None:
     assert unknown.code == "topup_price_unknown"
 
 
-def test_the_rate_is_found_for_ids_the_newest_list_omits() -> None:
+async def test_the_rate_is_found_for_ids_the_newest_list_omits() -> None:
     legacy = [
         {
             "id": "professional",

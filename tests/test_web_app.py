@@ -90,6 +90,16 @@ async def blocked(
     return runs
 
 
+# What the security-headers middleware will send: the app must work under it.
+STRICT_POLICY = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+
+
+async def strict_policy(route: Any) -> None:
+    response = await route.fetch()
+    headers = response.headers | {"content-security-policy": STRICT_POLICY}
+    await route.fulfill(response=response, headers=headers)
+
+
 # Uncaught errors of the app's script, per page: each test ends asserting there were none.
 SCRIPT_ERRORS: dict[int, list[str]] = {}
 
@@ -104,6 +114,10 @@ async def open_app(browser: Any, url: str, tenant: Tenant, viewport: dict[str, i
     page = await browser.new_page(viewport=viewport)
     errors = SCRIPT_ERRORS.setdefault(id(page), [])
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "console", lambda msg: errors.append(msg.text) if "Security Policy" in msg.text else None
+    )
+    await page.route(f"{url}/app**", strict_policy)
     await page.goto(f"{url}/app#token={person_token(tenant)}")
     # The token moved into the tab's storage; the address bar no longer shows it.
     await expect(page.get_by_role("heading", name="Your organization's decision")).to_be_visible()

@@ -242,7 +242,8 @@ async def test_a_cancelled_checkout_comes_back_and_a_declined_topup_still_resume
 
     # Back in the app: nothing was charged, and another plan starts a new checkout.
     await expect(page.locator("#notice")).to_contain_text("cancelled; nothing was charged")
-    await expect(page.get_by_role("heading", name="Or choose another plan")).to_be_visible()
+    await expect(page.get_by_role("heading", name="Choose a plan")).to_be_visible()
+    await expect(page.get_by_role("link", name="Open the checkout")).to_be_hidden()
     org = (await mosaic.get(f"/_sandbox/orgs/{tenant.organization_id}")).json()
     assert org["plan_id"] is None
     await snap(page, "7-checkout-cancelled-phone")

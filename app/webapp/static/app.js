@@ -59,6 +59,7 @@ let org = null;
 const runs = new Map(); // blocked run id → the run as last streamed
 const streams = new Map(); // blocked run id → AbortController of its event stream
 let orgReload = null;
+let cancelledCheckout = null; // the checkout the person cancelled (Mosaic closed it)
 
 class Problem extends Error {
   constructor(code, detail, status) {
@@ -240,11 +241,13 @@ function renderOrganization() {
     $("decision-error-todo").textContent = TODO[d.error.code] ?? ASK_AGAIN;
   }
   // While a checkout is open, another plan may replace it (the open one is left out).
-  const checkingOut = d.state === "awaiting_checkout";
+  const cancelled = d.checkout_url != null && d.checkout_url === cancelledCheckout;
+  const checkingOut = d.state === "awaiting_checkout" && !cancelled;
   $("choose").hidden = !d.actions.includes("choose_plan");
   $("choose-title").textContent = checkingOut ? "Or choose another plan" : "Choose a plan";
   $("choose-intro").hidden = checkingOut;
-  $("checkout").hidden = d.state !== "awaiting_checkout";
+  if (cancelled) $("decision-summary").textContent = "The checkout was cancelled. Choose a plan to start again.";
+  $("checkout").hidden = !checkingOut;
   $("topup").hidden = !d.actions.includes("topup");
   $("confirm").disabled = d.pending;
   if (d.checkout_url) $("checkout-link").href = d.checkout_url;
@@ -365,6 +368,8 @@ async function start() {
   if (back === "paid" && org?.actions.includes("confirm_checkout")) {
     await act("/v1/organization/confirm-checkout", null, "Welcome back. Checking the payment with Mosaic…");
   } else if (back === "cancelled") {
+    cancelledCheckout = org?.checkout_url ?? null;
+    renderOrganization();
     say("The checkout was cancelled; nothing was charged. Choose a plan below to start again.");
   }
 }

@@ -144,8 +144,11 @@ async def test_a_person_takes_a_blocked_organization_from_choice_to_resumed(
     await expect(creator).to_contain_text("$2.00 per 100 credits")
     await snap(page, "1-choose-a-plan")
 
-    await page.get_by_role("button", name="Choose creator", exact=True).click()
+    # Keyboard only: focus the plan's button and press Enter; focus lands on the decision.
+    await page.get_by_role("button", name="Choose creator", exact=True).focus()
+    await page.keyboard.press("Enter")
     await expect(page.get_by_role("heading", name="Finish the checkout")).to_be_visible()
+    await expect(page.locator("#decision-summary")).to_be_focused()
     await expect(page.locator("#runs")).to_contain_text("Waiting for the checkout to be paid")
     await snap(page, "2-checkout-open")
 

@@ -165,6 +165,8 @@ async function act(path, body, busyText) {
     if (path.startsWith("/v1/organization")) {
       org = answer;
       renderOrganization();
+      // The button pressed may now be hidden: keep the keyboard where the decision is told.
+      $("decision-summary").focus();
     } else {
       onRun(answer);
     }

@@ -43,7 +43,8 @@ const TODO = {
   upgrade_refused: "Choose another plan, or contact Mosaic's support.",
   topup_not_allowed: "This plan does not allow auto top-up. Answer “Not now”.",
   topup_refused: "Check the values, or answer “Not now”.",
-  topup_over_spend_cap: "Change the quantity as the message says, answer “Not now”, or ask an admin to raise the cap.",
+  topup_over_spend_cap:
+    "Change the quantity as the message says, answer “Not now”, or ask an admin to raise the cap.",
   topup_price_unknown: "Answer “Not now”, or ask an admin to clear the cap.",
   validation_error: "Check the values you entered.",
   mosaic_unavailable: "Mosaic could not be reached. Retry the run in a few minutes.",
@@ -178,6 +179,8 @@ async function act(path, body, busyText) {
   } catch (err) {
     say("");
     showProblem(err);
+    // A refusal (409) often means the decision moved meanwhile: show it as it is now.
+    if (err.status === 409) loadOrganization();
     return null;
   } finally {
     setBusy(false);
@@ -206,7 +209,8 @@ function hideProblem() {
 }
 
 function money(usd) {
-  return `$${Number(usd).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
+  const cents = { minimumFractionDigits: 2, maximumFractionDigits: 2 };
+  return `$${Number(usd).toLocaleString("en-US", cents)}`;
 }
 
 function count(n) {
@@ -248,7 +252,9 @@ function renderOrganization() {
   $("choose").hidden = !d.actions.includes("choose_plan");
   $("choose-title").textContent = checkingOut ? "Or choose another plan" : "Choose a plan";
   $("choose-intro").hidden = checkingOut;
-  if (cancelled) $("decision-summary").textContent = "The checkout was cancelled. Choose a plan to start again.";
+  if (cancelled) {
+    $("decision-summary").textContent = "The checkout was cancelled. Choose a plan to start again.";
+  }
   $("checkout").hidden = !checkingOut;
   $("topup").hidden = !d.actions.includes("topup");
   $("confirm").disabled = d.pending;
@@ -294,7 +300,8 @@ function renderCost() {
     $("topup-cost").textContent = "Mosaic listed no top-up rate for this plan.";
   } else if (quantity > 0) {
     const one = (quantity / 100) * price.rate_per_100_credits_usd;
-    const times = price.credits_per_month ? Math.max(1, Math.ceil(price.credits_per_month / quantity)) : 1;
+    const monthly = price.credits_per_month;
+    const times = monthly ? Math.max(1, Math.ceil(monthly / quantity)) : 1;
     $("topup-cost").textContent =
       `When the balance falls below ${count(threshold)} credits, Mosaic buys ` +
       `${count(quantity)} credits for ${money(one)} (${money(price.rate_per_100_credits_usd)} ` +
@@ -306,7 +313,8 @@ function renderCost() {
   $("topup-cap").textContent =
     cap == null
       ? "No spending cap is set for auto top-up."
-      : `Your account caps auto top-up at ${money(cap)} a month: settings that could cost more are refused.`;
+      : `Your account caps auto top-up at ${money(cap)} a month: ` +
+        "settings that could cost more are refused.";
 }
 
 function renderRuns() {
@@ -323,7 +331,8 @@ function renderRuns() {
     if (run.agent_id) title.append(el("span", ` · ${run.agent_id}`, "agent"));
     item.append(title);
     const words = RUN_WORDS[run.state] ?? run.state;
-    item.append(el("p", run.pending && !TERMINAL.has(run.state) ? `${words}…` : words, "run-state"));
+    const busy = run.pending && !TERMINAL.has(run.state);
+    item.append(el("p", busy ? `${words}…` : words, "run-state"));
     if (run.error && TERMINAL.has(run.state)) {
       item.append(el("p", `${run.error.message} ${TODO[run.error.code] ?? ""}`, "run-error"));
     }
@@ -331,7 +340,7 @@ function renderRuns() {
       if (!run.actions.includes(action)) continue;
       const button = el("button", action === "retry" ? "Retry" : "Cancel", "secondary small");
       button.type = "button";
-      button.setAttribute("aria-label", `${action === "retry" ? "Retry" : "Cancel"} run ${run.run_id}`);
+      button.setAttribute("aria-label", `${button.textContent} run ${run.run_id}`);
       button.addEventListener("click", async () => {
         const answer = await act(`/v1/blocked-runs/${run.id}/${action}`, null, "Sending…");
         if (answer && !TERMINAL.has(answer.state)) follow(answer.id);
@@ -368,7 +377,8 @@ async function start() {
   const back = params.get("checkout");
   if (back) history.replaceState(null, "", location.pathname);
   if (back === "paid" && org?.actions.includes("confirm_checkout")) {
-    await act("/v1/organization/confirm-checkout", null, "Welcome back. Checking the payment with Mosaic…");
+    const checking = "Welcome back. Checking the payment with Mosaic…";
+    await act("/v1/organization/confirm-checkout", null, checking);
   } else if (back === "cancelled") {
     cancelledCheckout = org?.checkout_url ?? null;
     renderOrganization();
@@ -401,11 +411,9 @@ function init() {
   );
   $("topup").addEventListener("submit", (event) => {
     event.preventDefault();
-    act(
-      "/v1/organization/topup",
-      { enable: true, threshold: Number($("threshold").value), quantity: Number($("quantity").value) },
-      "Turning on auto top-up…",
-    );
+    const threshold = Number($("threshold").value);
+    const quantity = Number($("quantity").value);
+    act("/v1/organization/topup", { enable: true, threshold, quantity }, "Turning on auto top-up…");
   });
   $("decline-topup").addEventListener("click", () =>
     act("/v1/organization/topup", { enable: false }, "Going on without auto top-up…"),

@@ -68,3 +68,21 @@ def test_the_wheel_ships_the_app() -> None:
     assert re.search(r'"app\.webapp" = \[.*static/\*\.js', text)
     for name in FILES:
         assert static(name)
+
+
+def test_checkout_returns_to_the_app_unless_told_otherwise() -> None:
+    from app.settings import Environment, Settings
+    from conftest import ENCRYPTION_KEY, JWT_SECRET
+
+    base: dict[str, object] = {
+        "env": Environment.TEST,
+        "jwt_secret": JWT_SECRET,
+        "encryption_key": ENCRYPTION_KEY,
+        "public_url": "https://unblock.example.com/",
+    }
+    settings = Settings(**base)  # type: ignore[arg-type]
+    assert settings.checkout_success_url == "https://unblock.example.com/app?checkout=paid"
+    assert settings.checkout_cancel_url == "https://unblock.example.com/app?checkout=cancelled"
+    own = Settings(**base, checkout_success_url="https://product.example.com/billing/done")  # type: ignore[arg-type]
+    assert own.checkout_success_url == "https://product.example.com/billing/done"
+    assert Settings(**base, checkout_cancel_url="").checkout_cancel_url is None  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Tests use this server when reachable, else an embedded PostgreSQL (pgserver).
 export UNBLOCK_TEST_DATABASE_URL ?=
 
-.PHONY: install dev test lint fmt typecheck check bench openapi clean
+.PHONY: install dev test lint fmt typecheck check bench openapi screenshots clean
 
 $(BIN)/unblock: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ typecheck: install
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+screenshots: install  ## the web app's browser tests, saving each step to docs/screenshots/
+	UNBLOCK_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_web_app.py
 
 bench: install  ## prints ratios against a baseline measured in the same run
 	$(BIN)/python -m bench

@@ -118,12 +118,19 @@ async def make_demo(settings: Settings, sandbox_url: str, runs: int) -> dict[str
     return {"account": account, "org": org, "token": token, "blocked": blocked}
 
 
+def app_url(api: str, token: str) -> str:
+    """The web app, signed in: the token rides in the fragment, which no server ever sees."""
+    return f"{api}/app#token={token}"
+
+
 def banner(settings: Settings, sandbox_url: str, demo: dict[str, Any]) -> str:
     api = settings.public_url
     token = demo["token"]
     first = demo["blocked"][0]["id"] if demo["blocked"] else "<id>"
     return f"""
-unblock dev is running.
+unblock dev is running. Open the web app (signed in as the demo organization's person):
+
+  {app_url(api, token)}
 
   API            {api}            (docs: {api}/docs)
   Mosaic sandbox {sandbox_url}    (calls it received: {sandbox_url}/_sandbox/calls)
@@ -133,7 +140,7 @@ unblock dev is running.
 User token (runs:read runs:write runs:register, valid 7 days):
   export TOKEN={token}
 
-Walk run {first} through the flow:
+Walk run {first} through the flow with curl instead:
   curl -s {api}/v1/blocked-runs -H "Authorization: Bearer $TOKEN"
   curl -s -X POST {api}/v1/blocked-runs/{first}/choose-plan -H "Authorization: Bearer $TOKEN" \\
        -H 'Content-Type: application/json' -d '{{"plan_id": "creator"}}'

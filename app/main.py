@@ -26,6 +26,7 @@ from app.settings import Settings, get_settings
 from app.startup import schema_problem
 from app.stream_deadline import StreamDeadline
 from app.throttle import AuthThrottle
+from app.webapp import router as webapp
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
 
@@ -96,6 +97,7 @@ def create_app(
     app.include_router(webhooks_router)
     app.include_router(blocked_runs_router)
     app.include_router(organization_router)
+    webapp.install(app)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

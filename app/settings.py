@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     resume_window: Duration = timedelta(hours=1)
     webhook_retention: Duration = timedelta(days=7)
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    # Where the hosted checkout sends the person back: by default the reference web app, which
+    # confirms on return (a paid checkout moves on without a click). Empty: pass none.
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
 
@@ -146,6 +148,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _checkout_returns_to_the_app(self) -> Settings:
+        if self.checkout_success_url is None:
+            self.checkout_success_url = f"{self.public_url}/app?checkout=paid"
+        if self.checkout_cancel_url is None:
+            self.checkout_cancel_url = f"{self.public_url}/app?checkout=cancelled"
+        self.checkout_success_url = self.checkout_success_url or None
+        self.checkout_cancel_url = self.checkout_cancel_url or None
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders_outside_dev(self) -> Settings:

@@ -76,7 +76,8 @@ async def test_creating_an_account_returns_it_with_a_generated_secret_shown_once
 
     read = await client.get(f"/v1/accounts/{account_id}", headers=ADMIN)
     assert read.status_code == 200
-    assert read.json() == {k: v for k, v in body.items() if k != "webhook_secret"}
+    expected = {k: v for k, v in body.items() if k != "webhook_secret"}
+    assert read.json() == expected | {"monthly_topup_cap_usd": None}
     assert key not in read.text
     assert secret not in read.text
 

@@ -58,6 +58,8 @@ async def test_unblock_dev_prints_a_working_walkthrough() -> None:
         run = re.search(r"Walk run (\S+) through", banner)[1]  # type: ignore[index]
         assert "2 waiting for a plan choice" in banner
         api = f"http://127.0.0.1:{port}"
+        # It opens on the web app, signed in through the URL's fragment.
+        assert f"{api}/app#token={token}" in banner
         headers = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=api, headers=headers, timeout=15) as client:
             chosen = await client.post(

@@ -190,4 +190,9 @@ async def test_paid_organization_without_auto_topup_is_asked(
     prompt = await wait_for_state(client, tenant, blocked["id"], "topup_prompt")
     assert prompt["plan"]["id"] == "professional"
     assert prompt["topup"]["enabled"] is False
-    assert await mosaic_calls(mosaic, tenant) == [("GET", "/plan"), ("GET", "/credits")]
+    # The plan list is read too, so the top-up question carries its price.
+    assert await mosaic_calls(mosaic, tenant) == [
+        ("GET", "/plan"),
+        ("GET", "/credits"),
+        ("GET", "/plan/list"),
+    ]

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 
 from app.accounts import service
-from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut
+from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut, AccountUpdate
 from app.auth import Principal, Scope, authenticate, requires
 from app.errors import NotFound
 from app.runtime import Runtime, runtime
@@ -55,4 +55,24 @@ async def read_account(
         raise NotFound("No such account.", code="account_not_found")
     async with rt.db.sessions() as session:
         account = await service.get(session, account_id)
+        return service.to_out(account, rt.settings.public_url)
+
+
+@router.patch(
+    "/{account_id}",
+    response_model=AccountOut,
+    responses={
+        404: {"description": "Unknown id."},
+        422: {"description": "A cap that is negative, too large or not in cents."},
+    },
+)
+async def update_account(
+    account_id: uuid.UUID,
+    body: AccountUpdate,
+    _: Annotated[Principal, Depends(requires(Scope.ACCOUNTS_ADMIN))],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> AccountOut:
+    """Set (or clear, with null) the account's monthly cap on auto top-up spend."""
+    async with rt.db.transaction() as session:
+        account = await service.update(session, account_id, body)
         return service.to_out(account, rt.settings.public_url)

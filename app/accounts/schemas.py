@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -45,10 +46,29 @@ class AccountCreate(BaseModel):
         return value
 
 
+MAX_CAP_USD = Decimal("1000000")
+
+
+class AccountUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_topup_cap_usd: Decimal | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_CAP_USD,
+        max_digits=12,
+        decimal_places=2,
+        description="At most this much auto top-up spend in a worst-case month (USD); null: "
+        "no cap; omitted: unchanged. Settings that could cost more are refused "
+        "(`topup_over_spend_cap`).",
+    )
+
+
 class AccountOut(BaseModel):
     id: uuid.UUID
     name: str
     webhook_url: str
+    monthly_topup_cap_usd: Decimal | None = None
     created_at: datetime
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.models import Account
-from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut
+from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut, AccountUpdate
 from app.accounts.secrets import Keyring, generate_webhook_secret, hash_webhook_secret
 from app.errors import NotFound
 
@@ -22,6 +22,7 @@ def to_out(account: Account, public_url: str) -> AccountOut:
         id=account.id,
         name=account.name,
         webhook_url=webhook_url(public_url, account.id),
+        monthly_topup_cap_usd=account.monthly_topup_cap_usd,
         created_at=account.created_at,
     )
 
@@ -47,6 +48,18 @@ async def get(session: AsyncSession, account_id: uuid.UUID) -> Account:
     account = await session.get(Account, account_id)
     if account is None:
         raise NotFound("No such account.", code="account_not_found")
+    return account
+
+
+async def update(session: AsyncSession, account_id: uuid.UUID, body: AccountUpdate) -> Account:
+    """Change what an admin may change: the monthly cap on auto top-up spend."""
+    account = await session.get(Account, account_id, with_for_update={"key_share": True})
+    if account is None:
+        raise NotFound("No such account.", code="account_not_found")
+    if "monthly_topup_cap_usd" in body.model_fields_set:
+        account.monthly_topup_cap_usd = body.monthly_topup_cap_usd
+    await session.flush()
+    await session.refresh(account)
     return account
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,17 @@ class DecisionTransition(BaseModel):
     at: datetime = Field(validation_alias="created_at")
 
 
+class TopupPrice(BaseModel):
+    """What auto top-up costs on the organization's plan (from Mosaic's plan list)."""
+
+    plan_id: str
+    rate_per_100_credits_usd: float
+    credits_per_month: int | None = Field(
+        description="The plan's monthly credits: a worst-case month is "
+        "ceil(credits_per_month / quantity) top-ups."
+    )
+
+
 class OrganizationOut(BaseModel):
     """The one prompt per organization: what is being decided, and how many runs wait on it."""
 
@@ -40,6 +52,13 @@ class OrganizationOut(BaseModel):
     chosen_plan_id: str | None
     checkout_url: str | None
     topup: Topup | None
+    topup_price: TopupPrice | None = Field(
+        description="One top-up costs quantity / 100 × rate; null when Mosaic listed no rate."
+    )
+    monthly_topup_cap_usd: Decimal | None = Field(
+        description="The account's spend guard: auto top-up settings whose worst-case month "
+        "costs more are refused (`topup_over_spend_cap`); null: no cap."
+    )
     error: Problem | None
     decided_at: datetime | None
     version: int
@@ -64,6 +83,8 @@ class OrganizationOut(BaseModel):
             chosen_plan_id=d.chosen_plan_id,
             checkout_url=d.checkout_url if d.state == DecisionState.AWAITING_CHECKOUT else None,
             topup=Topup.model_validate(d.topup) if d.topup else None,
+            topup_price=TopupPrice(**price.as_json()) if (price := view.topup_price) else None,
+            monthly_topup_cap_usd=view.monthly_topup_cap_usd,
             error=Problem(code=d.error_code, message=d.error_message or "")
             if d.error_code
             else None,

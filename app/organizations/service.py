@@ -10,11 +10,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts.models import Account
 from app.blocked_runs import repository as runs
 from app.blocked_runs.models import BlockedRun, Job
 from app.blocked_runs.state_machine import (
@@ -31,7 +33,7 @@ from app.blocked_runs.state_machine import (
     transition as run_transition,
 )
 from app.errors import InvalidInput
-from app.organizations import repository
+from app.organizations import repository, spend_guard
 from app.organizations.models import Decision, DecisionHistoryEntry
 from app.organizations.state_machine import (
     DecisionState,
@@ -64,6 +66,19 @@ class DecisionView:
     pending_step: JobKind | None
     runs_waiting: int
     history: list[DecisionHistoryEntry]
+    monthly_topup_cap_usd: Decimal | None = None
+
+    @property
+    def topup_price(self) -> spend_guard.TopupPrice | None:
+        return spend_guard.price_for(self.decision.plan, self.decision.plans)
+
+
+async def topup_cap(session: AsyncSession, account_id: uuid.UUID) -> Decimal | None:
+    """The account's monthly cap on auto top-up spend (None: no cap)."""
+    cap: Decimal | None = await session.scalar(
+        select(Account.monthly_topup_cap_usd).where(Account.id == account_id)
+    )
+    return cap
 
 
 async def decide(
@@ -181,6 +196,7 @@ async def read(rt: Runtime, account_id: uuid.UUID) -> DecisionView:
     """The caller's decision with its pending step, its waiting runs and recent history."""
     async with rt.db.sessions() as session:
         decision = await repository.get(session, account_id)
+        cap = await topup_cap(session, account_id)
         if decision is None:
             decision = Decision(
                 account_id=account_id,
@@ -190,12 +206,13 @@ async def read(rt: Runtime, account_id: uuid.UUID) -> DecisionView:
                 created_at=datetime.now(UTC),
                 updated_at=datetime.now(UTC),
             )
-            return DecisionView(decision, None, 0, [])
+            return DecisionView(decision, None, 0, [], cap)
         return DecisionView(
             decision,
             await repository.pending_step(session, account_id),
             await repository.runs_waiting(session, account_id),
             list(await repository.history(session, account_id)),
+            cap,
         )
 
 
@@ -280,6 +297,11 @@ async def answer_topup(
                 raise InvalidInput(
                     "Enabling auto top-up needs threshold and quantity.", code="topup_incomplete"
                 )
+            price = spend_guard.price_for(decision.plan, decision.plans)
+            if refused := spend_guard.refusal(
+                await topup_cap(session, account_id), price, quantity
+            ):
+                raise refused
             return await _person_step(
                 rt,
                 session,

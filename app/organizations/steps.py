@@ -20,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.blocked_runs.state_machine import Event
 from app.mosaic import TOPUP_ELIGIBLE_PLANS, AutoTopup, MosaicError, PlanOffer, PlanState
-from app.organizations import repository
+from app.organizations import repository, spend_guard
 from app.organizations.models import Decision
-from app.organizations.service import RELEASE_BATCH, SYSTEM, decide, release_runs
+from app.organizations.service import RELEASE_BATCH, SYSTEM, decide, release_runs, topup_cap
 from app.organizations.state_machine import DecisionState, transition, update_fields
 from app.runtime import Runtime
 from app.work_queue import (
@@ -109,6 +109,8 @@ async def _on_paid(
         "error_code": None,
         "error_message": None,
     }
+    if reading.offers:
+        changes["plans"] = [o.model_dump(mode="json") for o in reading.offers]
     if topup["enabled"]:
         await decide(
             rt,
@@ -149,6 +151,9 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
             return
     api_key = await rt.mosaic_key(job.account_id)
     reading = await _read_plan(rt, api_key, offers=True)
+    if reading.plan.is_paid and not (reading.auto_topup and reading.auto_topup.enabled):
+        # The top-up question is asked with its price: the plan list has the top-up rate.
+        reading.offers = await rt.mosaic.list_plans(api_key)
     begin_recording(rt.settings.job_lease)
     async with rt.db.transaction() as session:
         decision = await repository.lock(session, job.account_id)
@@ -347,6 +352,19 @@ async def set_topup(rt: Runtime, job: ClaimedJob) -> None:
     threshold: int = job.payload["threshold"]
     quantity: int = job.payload["quantity"]
     api_key = await rt.mosaic_key(job.account_id)
+    async with rt.db.sessions() as session:
+        cap = await topup_cap(session, job.account_id)
+        decision = await repository.get(session, job.account_id)
+    if cap is not None and decision is not None:
+        # The cap, or the plan, may have changed since the person answered: check again,
+        # right before the write, with the plan list's rate if none is stored.
+        price = spend_guard.price_for(decision.plan, decision.plans)
+        if price is None:
+            offers = [o.model_dump(mode="json") for o in await rt.mosaic.list_plans(api_key)]
+            price = spend_guard.price_for(decision.plan, offers)
+        if refused := spend_guard.refusal(cap, price, quantity):
+            await _record_problem(rt, job, refused.code, refused.detail)
+            return
     current = (await rt.mosaic.get_credits(api_key)).auto_topup
     if (
         current is not None

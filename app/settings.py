@@ -138,7 +138,8 @@ class Settings(BaseSettings):
                 Fernet(key)
             except ValueError:
                 raise ValueError(
-                    f"key {n + 1} is not a Fernet key (32 url-safe base64-encoded bytes; "
+                    f"UNBLOCK_ENCRYPTION_KEY: key {n + 1} is not a Fernet key "
+                    "(32 url-safe base64-encoded bytes; "
                     "make one with `python -c 'from cryptography.fernet import Fernet; "
                     "print(Fernet.generate_key().decode())'`)"
                 ) from None

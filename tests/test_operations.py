@@ -390,8 +390,9 @@ async def test_json_logs_carry_request_step_and_mosaic_context_and_no_secrets() 
     assert any(r.get("request_id") == "req-ops-42" for r in records)
     calls = [r for r in records if r.get("mosaic_call") and r.get("step") == "check_plan"]
     assert calls, "no log line of check_plan's Mosaic calls"
-    assert calls[0]["blocked_run_id"] == blocked["id"]
+    # The plan check is the organization's decision's step: it names the account, no run.
     assert calls[0]["account_id"] == tenant.account_id
+    assert calls[0]["blocked_run_id"] is None
     everything = "\n".join(serve.lines)
     assert tenant.mosaic_key not in everything
     assert tenant.webhook_secret not in everything
@@ -473,10 +474,14 @@ async def test_a_runs_step_diagnostics_outlive_the_webhook_retention() -> None:
     async with isolated_stack(
         "ops_keep_steps", webhook_retention=0.2, maintenance_interval=0.1
     ) as stack:
-        tenant = await make_tenant(stack.client, stack.mosaic)
+        # Auto top-up on: the run goes straight to its own step, the resume.
+        topup = {"enabled": True, "threshold": 0, "quantity": 0}
+        tenant = await make_tenant(
+            stack.client, stack.mosaic, plan_id="creator", balance=0, auto_topup=topup
+        )
         run_id = await start_mosaic_run(stack.mosaic, tenant)
         blocked = await blocked_run_for(stack.client, tenant, run_id)
-        await wait_for_state(stack.client, tenant, blocked["id"], "awaiting_choice")
+        await wait_for_state(stack.client, tenant, blocked["id"], "resumed")
         await maintenance.maintain(stack.service.runtime)
         conn = await asyncpg.connect(_plain(stack.database_url))
         try:

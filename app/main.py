@@ -19,6 +19,7 @@ from app.errors import install_error_handlers
 from app.organizations.router import router as organization_router
 from app.runtime import Runtime
 from app.settings import Settings, get_settings
+from app.subscriptions.router import router as subscriptions_router
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
 
@@ -62,6 +63,7 @@ def create_app(
     app.include_router(webhooks_router)
     app.include_router(blocked_runs_router)
     app.include_router(organization_router)
+    app.include_router(subscriptions_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

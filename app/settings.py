@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     resume_window: Duration = timedelta(hours=1)
     webhook_retention: Duration = timedelta(days=7)
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    # Outbound notifications to subscribers (app/subscriptions): each attempt's timeout, the
+    # backoff between attempts, how long a delivery is retried before its subscription is
+    # disabled, and CIDRs a subscription may resolve into although not public (loopback, …).
+    notify_timeout: Duration = timedelta(seconds=10)
+    notify_retry_base: Duration = timedelta(seconds=1)
+    notify_retry_max: Duration = timedelta(minutes=10)
+    notify_give_up_after: Duration = timedelta(hours=24)
+    notify_allowed_networks: str = ""
     checkout_success_url: str | None = None
     checkout_cancel_url: str | None = None
 

@@ -35,6 +35,7 @@ from app.organizations.service import decide, expire_checkouts
 from app.organizations.state_machine import OPEN_STATES
 from app.organizations.steps import HANDLERS as DECISION_STEPS
 from app.runtime import Runtime
+from app.subscriptions import delivery as notifications_out
 from app.webhooks.models import WebhookEvent
 from app.webhooks.service import verify_run
 from app.work_queue import (
@@ -62,6 +63,7 @@ STEPS: dict[JobKind, Step] = {
     **DECISION_STEPS,
     **RUN_STEPS,
     JobKind.VERIFY_RUN: verify_run,
+    JobKind.DELIVER_NOTIFICATIONS: notifications_out.deliver,
 }
 MAINTENANCE_EVERY = timedelta(seconds=30)
 
@@ -236,6 +238,7 @@ class Worker:
         self.worker_id = new_worker_id()
         self._running: set[asyncio.Task[None]] = set()
         self._next_maintenance = 0.0
+        self._relay = notifications_out.Relay(rt)
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.rt.settings
@@ -247,6 +250,9 @@ class Worker:
                     if loop.time() >= self._next_maintenance:
                         self._next_maintenance = loop.time() + MAINTENANCE_EVERY.total_seconds()
                         await self.maintain()
+                    # New outbound notifications get their subscription's drain job here,
+                    # outside the transitions that recorded them.
+                    await self._relay.run()
                     free = settings.worker_concurrency - len(self._running)
                     claimed = []
                     if free > 0:
@@ -317,3 +323,4 @@ class Worker:
             await session.execute(
                 delete(Job).where(Job.status != "pending", Job.finished_at < retention)
             )
+        await notifications_out.prune(self.rt, settings.webhook_retention)

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import app.accounts.models
 import app.blocked_runs.models
 import app.organizations.models
+import app.subscriptions.models
 import app.webhooks.models  # noqa: F401  (registers the tables on the metadata)
 from app.database import Base, asyncpg_url, resolve_database_url
 from app.settings import Settings

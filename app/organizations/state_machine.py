@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.blocked_runs.state_machine import Action, Event, IllegalTransition, State
 from app.notifications import RUN_EVENTS_CHANNEL, notify
 from app.organizations.models import Decision, DecisionHistoryEntry
+from app.subscriptions import outbox
 from app.work_queue import organization_key
 
 
@@ -160,6 +161,16 @@ async def transition(
             reason=reason,
         )
     )
+    if target in ACTIONS:
+        # The decision now waits on a person: `decision.needed`, naming what is asked, recorded
+        # in this transaction (the outbox) for the account's subscribers.
+        await outbox.record_decision_needed(
+            session,
+            account_id=decision.account_id,
+            asks=actions_for(target.value, pending=False),
+            event=event.value,
+            actor=actor,
+        )
     await notify(session, RUN_EVENTS_CHANNEL, organization_key(decision.account_id))
     await session.refresh(decision)
     return decision

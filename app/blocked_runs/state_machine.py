@@ -176,26 +176,20 @@ async def _record(
     actor: str,
     reason: str | None,
 ) -> None:
-    await session.execute(
-        insert(HistoryEntry).values(
-            blocked_run_id=run_id,
-            from_state=from_state,
-            to_state=to_state.value,
-            event=event.value,
-            actor=actor,
-            reason=reason,
-        )
-    )
-    # Outbound notifications (run.blocked, run.resumed, …) in the same transaction: the outbox.
-    await outbox.record_run_event(
-        session,
-        blocked_run_id=run_id,
-        from_state=from_state,
-        to_state=to_state.value,
-        event=event.value,
-        actor=actor,
-        reason=reason,
-    )
+    entry: dict[str, Any] = {
+        "blocked_run_id": run_id,
+        "from_state": from_state,
+        "to_state": to_state.value,
+        "event": event.value,
+        "actor": actor,
+        "reason": reason,
+    }
+    if outbox.notify_type_for(to_state.value) is None:
+        await session.execute(insert(HistoryEntry).values(**entry))
+    else:
+        # The history row plus outbound notifications (run.blocked, run.failed, …) for the
+        # account's subscribers, in one statement of this transaction: the outbox.
+        await outbox.record_history_and_event(session, **entry)
     await notify(session, RUN_EVENTS_CHANNEL, str(run_id))
     metrics.TRANSITIONS.labels(from_state or "", to_state.value).inc()
 

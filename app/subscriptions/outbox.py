@@ -62,7 +62,15 @@ FROM subscriptions AS s JOIN {{runs}} AS b ON b.account_id = s.account_id
 WHERE s.status = 'active' AND CAST(:notify_type AS text) = ANY(s.event_types) {{account}}
 """
 
-_ONE_RUN = DELIVERIES_FOR_RUNS_SQL.format(
+# A run's history row and its outbox rows in one statement, so a transition that announces
+# something pays no extra round trip for it when nobody subscribed.
+_HISTORY_AND_OUTBOX = """
+WITH history AS (
+    INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
+    VALUES (CAST(:blocked_run_id AS uuid), CAST(:from_state AS text), CAST(:to_state AS text),
+            CAST(:event AS text), CAST(:actor AS text), CAST(:reason AS text))
+)
+""" + DELIVERIES_FOR_RUNS_SQL.format(
     runs="(SELECT r.*, CAST(:from_state AS text) AS from_state FROM blocked_runs AS r "
     "WHERE r.id = CAST(:blocked_run_id AS uuid))",
     account="",
@@ -90,7 +98,7 @@ WHERE s.account_id = CAST(:account_id AS uuid) AND s.status = 'active'
 """
 
 
-async def record_run_event(
+async def record_history_and_event(
     session: AsyncSession,
     *,
     blocked_run_id: uuid.UUID,
@@ -100,16 +108,15 @@ async def record_run_event(
     actor: str,
     reason: str | None,
 ) -> None:
-    """Record the notification a run's transition announces, if anyone subscribed to it."""
-    notify_type = RUN_EVENT_FOR_STATE.get(to_state)
-    if notify_type is None:
-        return
+    """Write a run's history row and the notification its new state announces (`to_state`
+    must announce one: see `notify_type_for`) for whoever subscribed to it."""
     result = await session.execute(
-        text(_ONE_RUN),
+        text(_HISTORY_AND_OUTBOX),
         {
-            "notify_type": notify_type.value,
+            "notify_type": RUN_EVENT_FOR_STATE[to_state].value,
             "blocked_run_id": blocked_run_id,
             "from_state": from_state,
+            "to_state": to_state,
             "event": event,
             "actor": actor,
             "reason": reason,

@@ -104,10 +104,16 @@ class Pinned:
 
 def pin(parsed: httpx.URL, address: IPAddress) -> Pinned:
     name = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    try:
+        ipaddress.ip_address(parsed.host)
+        by_name = False
+    except ValueError:
+        by_name = True
     return Pinned(
         url=parsed.copy_with(host=str(address)),
         host_header=name if parsed.port is None else f"{name}:{parsed.port}",
-        sni_hostname=parsed.host if parsed.scheme == "https" else None,
+        # TLS still checks the certificate against the name, not the pinned address.
+        sni_hostname=parsed.host if parsed.scheme == "https" and by_name else None,
     )
 
 

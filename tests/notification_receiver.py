@@ -12,8 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
 from standardwebhooks.webhooks import Webhook
+
+from conftest import eventually
 
 
 @dataclass
@@ -111,3 +114,19 @@ class Receiver:
                 and r.event["data"]["account_id"] == key[4:]
             )
         ]
+
+
+async def all_delivered(
+    client: httpx.AsyncClient, subscription_id: str, headers: dict[str, str], n: int
+) -> list[dict[str, Any]]:
+    """The delivery log once all `n` entries are recorded as delivered (a receiver has a
+    message a moment before its answer is committed)."""
+
+    async def probe() -> list[dict[str, Any]] | None:
+        url = f"/v1/subscriptions/{subscription_id}/deliveries"
+        items: list[dict[str, Any]] = (await client.get(url, headers=headers)).json()["items"]
+        done = len(items) == n and {d["status"] for d in items} == {"delivered"}
+        return items if done else None
+
+    found: list[dict[str, Any]] = await eventually(probe, what=f"{n} deliveries recorded")
+    return found

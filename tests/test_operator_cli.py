@@ -28,7 +28,7 @@ from conftest import (
     start_mosaic_run,
     wait_for_state,
 )
-from notification_receiver import Receiver
+from notification_receiver import Receiver, all_delivered
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -194,6 +194,7 @@ async def test_operators_list_deliveries_redeliver_and_enable_subscriptions() ->
                 return len(receiver.received) == 1
 
             await eventually(delivered, what="the first delivery")
+            await all_delivered(client, subscription["id"], admin, 1)
             code, out, err = await unblock(
                 stack, "deliveries", "list", "--subscription", subscription["id"]
             )

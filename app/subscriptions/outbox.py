@@ -77,6 +77,13 @@ WITH history AS (
 )
 
 _DECISION = f"""
+WITH history AS (
+    INSERT INTO organization_decision_history
+        (account_id, round, from_state, to_state, event, actor, reason)
+    VALUES (CAST(:account_id AS uuid), CAST(:round AS integer), CAST(:from_state AS text),
+            CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
+            CAST(:reason AS text))
+)
 INSERT INTO notification_deliveries
     (subscription_id, account_id, message_id, event_type, ordering_key, payload)
 SELECT s.id, s.account_id, 'msg_' || replace(CAST(gen_random_uuid() AS text), '-', ''),
@@ -126,23 +133,32 @@ async def record_history_and_event(
         await notify(session, JOBS_CHANNEL)
 
 
-async def record_decision_needed(
+async def record_decision_history_and_event(
     session: AsyncSession,
     *,
     account_id: uuid.UUID,
-    asks: list[str],
+    round: int,
+    from_state: str,
+    to_state: str,
     event: str,
     actor: str,
+    reason: str | None,
+    asks: list[str],
 ) -> None:
-    """Record `decision.needed` (with what is asked) for the account's subscribers, if any."""
+    """Write a decision's history row and `decision.needed` (with what is asked) for the
+    account's subscribers, if any, in one statement."""
     result = await session.execute(
         text(_DECISION),
         {
             "notify_type": EventType.DECISION_NEEDED.value,
             "account_id": account_id,
+            "round": round,
+            "from_state": from_state,
+            "to_state": to_state,
             "asks": json.dumps(asks),
             "event": event,
             "actor": actor,
+            "reason": reason,
         },
     )
     if result.rowcount:  # type: ignore[attr-defined]

@@ -369,3 +369,27 @@ async def test_subscriptions_are_per_account_and_need_an_admin_scope(
         await client.get("/v1/subscriptions", headers=owner.token("subscriptions:admin"))
     ).json()
     assert [s["id"] for s in listed["items"]] == [subscription["id"]]
+
+
+async def test_nothing_is_recorded_for_events_nobody_subscribed_to(
+    stack: Stack, receiver: Receiver
+) -> None:
+    client, mosaic = stack.client, stack.mosaic
+    quiet = await make_tenant(client, mosaic)
+    picky = await make_tenant(client, mosaic)
+    await subscribe(client, picky, receiver.url, ["run.resumed"])
+    for tenant in (quiet, picky):
+        blocked = await blocked_run_for(client, tenant, await start_mosaic_run(mosaic, tenant))
+        await wait_for_state(client, tenant, blocked["id"], "awaiting_choice")
+        cancelled = await client.post(
+            f"/v1/blocked-runs/{blocked['id']}/cancel", headers=tenant.headers
+        )
+        assert cancelled.json()["state"] == "cancelled"
+    async with stack.service.runtime.db.sessions() as session:
+        recorded = await session.scalar(
+            text("SELECT count(*) FROM notification_deliveries WHERE account_id IN (:a, :b)"),
+            {"a": quiet.account_id, "b": picky.account_id},
+        )
+    # Blocked, a decision needed, cancelled: three events each, none subscribed to.
+    assert recorded == 0
+    assert receiver.received == []

@@ -139,7 +139,6 @@ async def replay(rt: Runtime, event_id: int, actor: str) -> Outcome:
         await session.execute(
             update(WebhookEvent).where(WebhookEvent.id == event_id).values(outcome=outcome)
         )
-    metrics.WEBHOOKS.labels(f"replayed_{outcome.value}").inc()
     return outcome
 
 

@@ -36,6 +36,8 @@ class Scope(StrEnum):
     RUNS_WRITE = "runs:write"
     RUNS_REGISTER = "runs:register"
     ACCOUNTS_ADMIN = "accounts:admin"
+    # The account's own admin: manages its outbound notification subscriptions.
+    SUBSCRIPTIONS_ADMIN = "subscriptions:admin"
 
 
 class Principal(BaseModel):

@@ -17,6 +17,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
+from app import operator_cli
 from app.errors import OperatorError
 from app.settings import DatabaseSettings, LogFormat, Settings, env_name
 
@@ -28,6 +29,8 @@ cli = typer.Typer(
 )
 accounts_cli = typer.Typer(help="Manage accounts.", no_args_is_help=True)
 cli.add_typer(accounts_cli, name="accounts")
+# Operator commands (runs, webhooks, deliveries, subscriptions) live in their own module.
+operator_cli.register(cli)
 
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="Port to bind.")]

@@ -25,6 +25,7 @@ from app.security_headers import SecurityHeaders
 from app.settings import Settings, get_settings
 from app.startup import schema_problem
 from app.stream_deadline import StreamDeadline
+from app.subscriptions.router import router as subscriptions_router
 from app.throttle import AuthThrottle
 from app.webapp import router as webapp
 from app.webhooks.router import router as webhooks_router
@@ -98,6 +99,7 @@ def create_app(
     app.include_router(blocked_runs_router)
     app.include_router(organization_router)
     webapp.install(app)
+    app.include_router(subscriptions_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -18,6 +18,7 @@ from app.blocked_runs.models import BlockedRun, Job
 from app.blocked_runs.state_machine import WAITING_STATES, Event, transition
 from app.organizations.service import CHECKOUT_BATCH, expire_checkouts
 from app.runtime import Runtime
+from app.subscriptions import delivery as notifications_out
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ async def maintain(rt: Runtime) -> None:
         " LIMIT :batch)",
         keep,
     )
+    await notifications_out.prune(rt, settings.webhook_retention)
 
 
 async def _expire_some(rt: Runtime) -> int:

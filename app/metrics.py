@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 WEBHOOKS = Counter("unblock_webhooks_total", "Mosaic webhooks received, by outcome.", ["outcome"])
 TRANSITIONS = Counter(
@@ -18,4 +18,16 @@ MOSAIC_LATENCY = Histogram(
 )
 JOBS = Counter(
     "unblock_jobs_total", "Pending-work attempts, by kind and outcome.", ["kind", "outcome"]
+)
+NOTIFY_DELIVERIES = Counter(
+    "unblock_notification_attempts_total",
+    "Attempts to deliver outbound notifications, by outcome (delivered, failed, gave_up).",
+    ["outcome"],
+)
+NOTIFY_ATTEMPT_SECONDS = Histogram(
+    "unblock_notification_attempt_seconds", "Duration of one outbound notification attempt."
+)
+NOTIFY_OLDEST_UNDELIVERED = Gauge(
+    "unblock_notification_oldest_undelivered_seconds",
+    "Age of the oldest outbound notification not delivered yet (0: none waiting).",
 )

@@ -17,6 +17,7 @@ from app.database import Database, plain_postgres_url, resolve_database_url
 from app.mosaic import MosaicClient, make_http_client
 from app.notifications import Listener
 from app.settings import Settings
+from app.subscriptions.destination import make_http_client as make_notify_client
 
 KEY_CACHE_SECONDS = 60
 KEY_CACHE_SIZE = 10_000
@@ -30,6 +31,8 @@ class Runtime:
     mosaic: MosaicClient
     keyring: Keyring
     listener: Listener
+    # Outbound notifications to subscribers: its own client (no redirects, no env proxies).
+    notify_http: httpx.AsyncClient
     # In-flight immediate attempts that outlived their request's deadline; kept so they finish.
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # Decrypted Mosaic keys for a short while: every step needs one, and keys rarely change.
@@ -49,6 +52,7 @@ class Runtime:
             mosaic=MosaicClient(http, settings.mosaic_base_url),
             keyring=Keyring(settings.encryption_keys),
             listener=listener,
+            notify_http=make_notify_client(settings),
         )
 
     def keep(self, task: asyncio.Task[None]) -> None:
@@ -76,6 +80,7 @@ class Runtime:
         if self.background:
             await asyncio.wait(self.background, timeout=10)
         await self.http.aclose()
+        await self.notify_http.aclose()
         await self.listener.close()
         await self.db.dispose()
 

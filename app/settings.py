@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import timedelta
 from enum import StrEnum
@@ -95,6 +96,14 @@ class Settings(BaseSettings):
     resume_window: Duration = timedelta(hours=1)
     webhook_retention: Duration = timedelta(days=7)
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    # Outbound notifications to subscribers (app/subscriptions): each attempt's timeout, the
+    # backoff between attempts, how long a delivery is retried before its subscription is
+    # disabled, and CIDRs a subscription may resolve into although not public (loopback, …).
+    notify_timeout: Duration = timedelta(seconds=10)
+    notify_retry_base: Duration = timedelta(seconds=1)
+    notify_retry_max: Duration = timedelta(minutes=10)
+    notify_give_up_after: Duration = timedelta(hours=24)
+    notify_allowed_networks: str = ""
     # Where the hosted checkout sends the person back: by default the reference web app, which
     # confirms on return (a paid checkout moves on without a click). Empty: pass none.
     checkout_success_url: str | None = None
@@ -149,6 +158,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("notify_allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            ipaddress.ip_network(part, strict=False)  # a ValueError names the bad one
+        return value
 
     @model_validator(mode="after")
     def _checkout_returns_to_the_app(self) -> Settings:

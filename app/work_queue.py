@@ -33,6 +33,8 @@ class JobKind(StrEnum):
     # One blocked run:
     RESUME = "resume"  # POST /agent_run/{id}/resume (GET /agent_run on 409 and on retries)
     VERIFY_RUN = "verify_run"  # GET /agent_run (+ /nodes) before trusting an event
+    # Outbound notifications (one per subscription; app/subscriptions):
+    DELIVER_NOTIFICATIONS = "deliver_notifications"  # POST signed events, in order per run
 
 
 # The decision's Mosaic steps; a person's action waits for none of them to be pending.

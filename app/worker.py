@@ -31,6 +31,7 @@ from app.organizations.state_machine import OPEN_STATES
 from app.organizations.steps import HANDLERS as DECISION_STEPS
 from app.runtime import Runtime
 from app.startup import wait_for_schema
+from app.subscriptions import delivery as notifications_out
 from app.webhooks.service import verify_run
 from app.work_queue import (
     DECISION_STEPS as DECISION_STEP_KINDS,
@@ -57,6 +58,7 @@ STEPS: dict[JobKind, Step] = {
     **DECISION_STEPS,
     **RUN_STEPS,
     JobKind.VERIFY_RUN: verify_run,
+    JobKind.DELIVER_NOTIFICATIONS: notifications_out.deliver,
 }
 
 
@@ -231,6 +233,7 @@ class Worker:
         self.rt = rt
         self.worker_id = new_worker_id()
         self._running: set[asyncio.Task[None]] = set()
+        self._relay = notifications_out.Relay(rt)
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.rt.settings
@@ -241,6 +244,9 @@ class Worker:
         async with self.rt.listener.subscribe(JOBS_CHANNEL) as wake:
             while not stop.is_set():
                 try:
+                    # New outbound notifications get their subscription's drain job here,
+                    # outside the transitions that recorded them.
+                    await self._relay.run()
                     free = settings.worker_concurrency - len(self._running)
                     claimed = []
                     if free > 0:

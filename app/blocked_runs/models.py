@@ -77,6 +77,13 @@ class Job(Base):
             unique=True,
             postgresql_where=text("status = 'pending' AND kind = 'poll_checkout'"),
         ),
+        # One drain of a subscription's outbound notifications at a time (app/subscriptions).
+        Index(
+            "uq_jobs_one_notification_drain",
+            text("(payload->>'subscription_id')"),
+            unique=True,
+            postgresql_where=text("kind = 'deliver_notifications' AND status = 'pending'"),
+        ),
         # Claims take due jobs in (run_after, id) order.
         Index("ix_jobs_due", "run_after", "id", postgresql_where=text("status = 'pending'")),
     )

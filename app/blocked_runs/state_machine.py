@@ -19,6 +19,7 @@ from app import metrics
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.errors import Conflict
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
+from app.subscriptions import outbox
 from app.work_queue import JobKind, cancel_pending, organization_key
 
 
@@ -175,16 +176,20 @@ async def _record(
     actor: str,
     reason: str | None,
 ) -> None:
-    await session.execute(
-        insert(HistoryEntry).values(
-            blocked_run_id=run_id,
-            from_state=from_state,
-            to_state=to_state.value,
-            event=event.value,
-            actor=actor,
-            reason=reason,
-        )
-    )
+    entry: dict[str, Any] = {
+        "blocked_run_id": run_id,
+        "from_state": from_state,
+        "to_state": to_state.value,
+        "event": event.value,
+        "actor": actor,
+        "reason": reason,
+    }
+    if outbox.notify_type_for(to_state.value) is None:
+        await session.execute(insert(HistoryEntry).values(**entry))
+    else:
+        # The history row plus outbound notifications (run.blocked, run.failed, …) for the
+        # account's subscribers, in one statement of this transaction: the outbox.
+        await outbox.record_history_and_event(session, **entry)
     await notify(session, RUN_EVENTS_CHANNEL, str(run_id))
     metrics.TRANSITIONS.labels(from_state or "", to_state.value).inc()
 
@@ -276,7 +281,7 @@ async def update_fields(session: AsyncSession, run: BlockedRun, **changes: Any) 
 
 # One batch of a set-based release: lock the runs in id order (the one lock order after the
 # decision's row), move them, and write their history (and resume steps) in the same statement.
-_RELEASE = """
+_RELEASE_SQL = """
 WITH picked AS (
     SELECT id, state FROM blocked_runs
     WHERE account_id = CAST(:account_id AS uuid) AND state = ANY(CAST(:froms AS text[]))
@@ -293,7 +298,8 @@ WITH picked AS (
         error_code = CAST(:error_code AS text), error_message = CAST(:error_message AS text)
     FROM picked, organization_decisions AS d
     WHERE b.id = picked.id AND d.account_id = b.account_id
-    RETURNING b.id, picked.state AS from_state
+    RETURNING b.id, picked.state AS from_state, b.account_id, b.run_id, b.agent_id, b.state,
+              b.error_code, b.error_message
 ), history AS (
     INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
     SELECT id, from_state, CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
@@ -306,9 +312,13 @@ WITH picked AS (
     FROM moved
     WHERE CAST(:to_state AS text) = 'resuming'
     ON CONFLICT DO NOTHING
+), outbox AS (
+    -- Outbound notifications of the moved runs (run.failed on a give-up), set-based too.
+    {outbox}
 )
 SELECT from_state, count(*) AS moved FROM moved GROUP BY from_state
 """
+_RELEASE = _RELEASE_SQL.format(outbox=outbox.RELEASE_CTE)
 
 
 async def release(
@@ -349,6 +359,7 @@ async def release(
                 "error_message": error_message,
                 "resume": JobKind.RESUME.value,
                 "give_up": give_up_after_seconds,
+                "notify_type": outbox.notify_type_for(target.value),
             },
         )
         for from_state, count in rows.all():

@@ -12,6 +12,7 @@ import app.accounts.models
 import app.blocked_runs.models
 import app.maintenance
 import app.organizations.models
+import app.subscriptions.models
 import app.webhooks.models  # noqa: F401  (registers the tables and indexes on the metadata)
 from app.database import Base, asyncpg_url, resolve_database_url
 from app.settings import Settings

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.blocked_runs.state_machine import Action, Event, IllegalTransition, State
 from app.notifications import RUN_EVENTS_CHANNEL, notify
 from app.organizations.models import Decision, DecisionHistoryEntry
+from app.subscriptions import outbox
 from app.work_queue import organization_key
 
 
@@ -149,17 +150,23 @@ async def transition(
             f"The organization's decision changed concurrently; it is now {current}.",
             state=current,
         )
-    await session.execute(
-        insert(DecisionHistoryEntry).values(
-            account_id=decision.account_id,
-            round=round_,
-            from_state=decision.state,
-            to_state=target.value,
-            event=event.value,
-            actor=actor,
-            reason=reason,
+    entry: dict[str, Any] = {
+        "account_id": decision.account_id,
+        "round": round_,
+        "from_state": decision.state,
+        "to_state": target.value,
+        "event": event.value,
+        "actor": actor,
+        "reason": reason,
+    }
+    if target not in ACTIONS:
+        await session.execute(insert(DecisionHistoryEntry).values(**entry))
+    else:
+        # The decision now waits on a person: the history row plus `decision.needed` (naming
+        # what is asked) for the account's subscribers, in one statement: the outbox.
+        await outbox.record_decision_history_and_event(
+            session, asks=actions_for(target.value, pending=False), **entry
         )
-    )
     await notify(session, RUN_EVENTS_CHANNEL, organization_key(decision.account_id))
     await session.refresh(decision)
     return decision

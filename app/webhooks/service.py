@@ -129,8 +129,29 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
     return outcome
 
 
+async def replay(rt: Runtime, event_id: int, actor: str) -> Outcome:
+    """Act on a stored Mosaic webhook again, as if it had just arrived (an operator's replay).
+
+    The same code as a delivery; only the actor differs, so what it opens is the operator's.
+    """
+    async with rt.db.transaction() as session:
+        event = await session.get(WebhookEvent, event_id, with_for_update=True)
+        if event is None:
+            raise NotFound("No such webhook event.", code="webhook_event_not_found")
+        outcome = await _act(rt, session, event.account_id, event.payload, actor=actor)
+        await session.execute(
+            update(WebhookEvent).where(WebhookEvent.id == event_id).values(outcome=outcome)
+        )
+    return outcome
+
+
 async def _act(
-    rt: Runtime, session: AsyncSession, account_id: uuid.UUID, payload: dict[str, Any]
+    rt: Runtime,
+    session: AsyncSession,
+    account_id: uuid.UUID,
+    payload: dict[str, Any],
+    *,
+    actor: str = MOSAIC,
 ) -> Outcome:
     flag = payload["flag"].upper()
     status = (payload.get("status") or "").lower()
@@ -140,7 +161,9 @@ async def _act(
     if flag == "RUN_FINISHED" and needs_credits(payload):
         latest = await repository.latest_episode(session, account_id, run_id)
         if latest is None:  # the first we hear of this run: the flag is enough
-            return await _open(rt, session, account_id, run_id, agent_id, f"{flag} with the flag")
+            return await _open(
+                rt, session, account_id, run_id, agent_id, f"{flag} with the flag", actor=actor
+            )
         if latest.state in ACTIVE_STATES and latest.state != State.RESUMING:
             return Outcome.DUPLICATE
         # The run was blocked before (or we are resuming it): this is either a late copy of
@@ -182,6 +205,8 @@ async def _open(
     run_id: str,
     agent_id: str | None,
     reason: str,
+    *,
+    actor: str = MOSAIC,
 ) -> Outcome:
     opened = await open_blocked_run(
         rt,
@@ -189,7 +214,7 @@ async def _open(
         account_id=account_id,
         run_id=run_id,
         agent_id=agent_id,
-        actor=MOSAIC,
+        actor=actor,
         reason=reason,
     )
     return Outcome.ACCEPTED if opened is not None else Outcome.DUPLICATE

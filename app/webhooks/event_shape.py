@@ -13,7 +13,7 @@ from typing import Any
 from app.input_text import RUN_ID_PATTERN
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
-# Keys the service reads as lists of nodes (mosaic-api.md: RUN_FINISHED and RUN_PROGRESS).
+# Keys the service reads as lists of nodes (RUN_FINISHED and RUN_PROGRESS, docs/mosaic.md).
 NODE_LISTS = ("nodes", "updated_nodes")
 
 

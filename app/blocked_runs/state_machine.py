@@ -1,8 +1,9 @@
 """The billing state machine of a blocked run: one declared table, one way to change state.
 
-Read the table top to bottom like the one in the README ("How a blocked run moves"). `transition()` is the only code that
-writes `state`: a guarded UPDATE (expected state and version) plus a history row, in the
-caller's transaction. Anything not in the table is refused with a 409 naming the current state.
+Read the table top to bottom like the one in the README ("How a blocked run moves").
+`transition()` is the only code that writes `state`: a guarded UPDATE (expected state and
+version) plus a history row, in the caller's transaction. Anything not in the table is
+refused with a 409 naming the current state.
 """
 
 from __future__ import annotations

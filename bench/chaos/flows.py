@@ -176,6 +176,8 @@ class Load:
             if state["status"] != "running":
                 break
             await asyncio.sleep(0.1)  # the sandbox has no event for a run without a callback
+        if state["status"] != "failed":
+            return  # it finished (credits arrived meanwhile): nothing for the service to report
         if org.kind is Kind.PAID_AUTO_TOPUP:
             await self._top_up(org)
         body = {"run_id": run_id, "agent_id": f"agent-{org.index}"}

@@ -54,11 +54,12 @@ class PrivatePostgres:
         )
 
     def _options(self) -> str:
-        # fsync off: the outage is a server restart, not a machine crash, and the disk is shared.
+        # fsync off: the outage is a server restart, not a machine crash, so the OS keeps what
+        # was written, and the disk is shared. synchronous_commit stays on: an immediate stop
+        # would otherwise lose commits the service was already told about.
         return (
             f"-p {self.port} -c listen_addresses={LOOPBACK} -c unix_socket_directories={self.root}"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=400"
+            " -c fsync=off -c full_page_writes=off -c max_connections=400"
         )
 
     def start(self) -> None:

@@ -167,6 +167,9 @@ class Load:
             )
         except GaveUp as exc:
             org.surprises.append(f"gave up on {exc}")
+        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+            # One organization's trouble is reported with the others, not the end of the run.
+            org.surprises.append(f"harness: {exc!r}")
         org.done = True
 
     async def _register(self, org: Org, run_id: str) -> None:

@@ -266,7 +266,12 @@ async def run(args: argparse.Namespace) -> int:
     )
     ok = False
     try:
-        async with httpx.AsyncClient(base_url=sandbox_child.url, timeout=30) as sandbox:
+        # No keep-alive to the sandbox: a pooled connection the server closes as it is reused
+        # fails a control call (a run started twice if retried), and these calls are few.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=sandbox_child.url, timeout=30, limits=limits
+        ) as sandbox:
             await cluster.start()
             gateway = Gateway(cluster, random.Random(rng.random()))
             deadline = time.monotonic() + load_seconds + args.converge_timeout + 120

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import httpx
+
 from bench.env import LOOPBACK, ROOT, free_port
 
 
@@ -111,8 +113,6 @@ class Cluster:
 
     async def start(self) -> None:
         """Start every replica and wait until each API replica answers /readyz."""
-        import httpx
-
         for replica in self.replicas:
             self._tasks.append(asyncio.create_task(self._supervise(replica)))
         deadline = time.monotonic() + 60

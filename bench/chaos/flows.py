@@ -23,6 +23,8 @@ NODE_COST = 100
 # Enough for every run of an organization to finish once the decision is made.
 PLENTY = 100_000
 TOPUP = {"enable": True, "threshold": 500, "quantity": 5000}
+THINK = 0.8  # seconds, at most, between a person's looks at a page that is changing
+PATIENCE = 120.0  # seconds without any change before a person gives up
 ACTIVE = ("checking_plan", "awaiting_choice", "awaiting_checkout", "topup_prompt", "resuming")
 
 
@@ -174,11 +176,14 @@ class Load:
 
     async def _register(self, org: Org, run_id: str) -> None:
         """An internal service noticed the failure itself and registers it (twice or thrice)."""
+        pause = 0.1
         while True:
             state = (await self.sandbox.get(f"/_sandbox/runs/{run_id}")).json()
             if state["status"] != "running":
                 break
-            await asyncio.sleep(0.1)  # the sandbox has no event for a run without a callback
+            # The sandbox has no event for a run without a callback: poll, backing off.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
         if state["status"] != "failed":
             return  # it finished (credits arrived meanwhile): nothing for the service to report
         if org.kind is Kind.PAID_AUTO_TOPUP:
@@ -197,8 +202,10 @@ class Load:
 
     async def _person(self, org: Org) -> None:
         """A person with the product open: answers whatever question a run shows, until every
-        run of the organization is running again."""
+        run of the organization is running again (or nothing has moved for `PATIENCE`)."""
         paid: set[str] = set()
+        pause = THINK
+        seen_last, moved_at = "", time.monotonic()
         while time.monotonic() < self.deadline:
             page = await self.gateway.call(
                 "GET",
@@ -208,6 +215,9 @@ class Load:
                 deadline=self.deadline,
             )
             items = page.json()["items"] if page.status_code == 200 else []
+            now_seen = repr(sorted((i["id"], i["state"], i["pending"]) for i in items))
+            if now_seen != seen_last:
+                seen_last, moved_at, pause = now_seen, time.monotonic(), THINK
             asked = [
                 item
                 for item in items
@@ -216,10 +226,16 @@ class Load:
             ]
             if asked:
                 await self._answer(org, self.rng.choice(asked), paid)
+                pause = THINK
             elif await self._nothing_left_to_answer(org, items):
                 return
-            # Think time between looks at the page, as a person (or a polling frontend) has.
-            await asyncio.sleep(self.rng.uniform(0.3, 0.8))
+            elif time.monotonic() - moved_at > PATIENCE:
+                org.surprises.append(f"nothing moved for {PATIENCE:.0f}s; the person left")
+                return
+            # Think time, longer while nothing changes: hundreds of people polling at once
+            # would otherwise be the load instead of the flows.
+            await asyncio.sleep(self.rng.uniform(pause / 2, pause))
+            pause = min(pause * 1.5, 5.0)
         org.surprises.append("person still waiting at the deadline")
 
     async def _nothing_left_to_answer(self, org: Org, items: list[dict[str, Any]]) -> bool:

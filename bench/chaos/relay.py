@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -92,13 +93,33 @@ class WebhookRelay:
         event: dict[str, Any] = json.loads(raw)
         self.received[str(event.get("flag"))] += 1
         account_id = request.path_params["account_id"]
-        await self._before(account_id, event)
         signature = request.headers.get("x-mosaic-signature", "")
-        for body, delay in self._copies(event, raw):
-            task = asyncio.create_task(self._deliver(account_id, signature, body, delay))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Taken at once: the sandbox gives each attempt 5 s, and the copies go out later anyway.
+        task = asyncio.create_task(self._fan_out(account_id, signature, event, raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return Response(status_code=200)
+
+    async def _fan_out(
+        self, account_id: str, signature: str, event: dict[str, Any], raw: bytes
+    ) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._before(account_id, event)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > self._deadline:
+                    self.lost.append(f"{account_id}: could not prepare {event.get('flag')}")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        await asyncio.gather(
+            *(
+                self._deliver(account_id, signature, body, after)
+                for body, after in self._copies(event, raw)
+            )
+        )
 
     def _copies(self, event: dict[str, Any], raw: bytes) -> list[tuple[bytes, float]]:
         copies = []

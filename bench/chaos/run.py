@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -415,7 +416,22 @@ def _report(
     print(f"{passed} passed, {len(checks) - passed} failed")
 
 
+async def _interruptible(args: argparse.Namespace) -> int:
+    # SIGTERM or Ctrl-C cancels the run, so its `finally` still stops every process it started
+    # and removes the private PostgreSQL.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run(args)
+    except asyncio.CancelledError:
+        print("chaos: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    sys.exit(asyncio.run(run(args)))
+    sys.exit(asyncio.run(_interruptible(args)))

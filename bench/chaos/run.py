@@ -156,7 +156,7 @@ async def _start_sandbox(seed: int, log_dir: Path) -> Child:
     log = (log_dir / "sandbox.log").open("ab")
     process = spawn(
         ["-m", "mosaic_sandbox", "--host", LOOPBACK, "--port", str(port), "--seed", str(seed),
-         "--step-delay", "0.05", "--webhook-retry-base", "0.1", "--webhook-max-attempts", "10",
+         "--step-delay", "0.05", "--webhook-retry-base", "0.1", "--webhook-max-attempts", "12",
          "--log-level", "warning"],
     )  # fmt: skip
     log.close()
@@ -325,8 +325,10 @@ async def run(args: argparse.Namespace) -> int:
                 lost_webhooks=relay.lost,
             )
             seen.episodes, seen.history, seen.pending_jobs = await observe_database(database_url)
+            deliveries = (await sandbox.get("/_sandbox/webhooks")).raise_for_status().json()
+            undelivered = sum(1 for d in deliveries if not d["delivered"] and not d["pending"])
             checks = check_all(seen)
-            _report(args, figures, orgs, cluster, gateway, relay, load, seen, checks)
+            _report(args, figures, orgs, cluster, gateway, relay, load, seen, checks, undelivered)
             ok = all(check.passed for check in checks)
             if not ok:
                 dump_path = log_dir / "observed.json"
@@ -356,6 +358,7 @@ def _report(
     load: Load,
     seen: Observed,
     checks: list[Check],
+    undelivered: int,
 ) -> None:
     kinds = {kind: sum(1 for o in orgs if o.kind is kind) for kind in Kind}
     faulted: dict[str, int] = {}
@@ -378,6 +381,7 @@ def _report(
         ("runs registered by a service", str(sum(len(o.registered) for o in orgs))),
         ("registrations sent", str(load.registrations)),
         ("webhook events from Mosaic", ", ".join(f"{n} {f}" for f, n in relay.received.items())),
+        ("  events Mosaic gave up sending (relay too slow)", str(undelivered)),
         ("webhook deliveries (2-3 per event)", str(relay.deliveries)),
         ("  unflagged copies / late RUN_STARTED", f"{relay.unflagged} / {relay.late_started}"),
         ("replicas", f"{args.api} API + {args.workers} workers"),

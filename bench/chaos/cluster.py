@@ -6,6 +6,7 @@ orchestrator would, and a killer sends SIGKILL to a random one every few seconds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -152,13 +153,15 @@ class Cluster:
         for replica in self.replicas:
             if replica.alive:
                 assert replica.process is not None
-                replica.process.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    replica.process.terminate()
         for replica in self.replicas:
             if replica.process is not None:
                 try:
                     await asyncio.wait_for(replica.process.wait(), 15)
                 except TimeoutError:
-                    replica.process.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        replica.process.kill()
                     await replica.process.wait()
         for task in self._tasks:
             task.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -194,6 +195,18 @@ def _mosaic_faults(rate: float) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+async def _control(sandbox: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> None:
+    """A control call the run depends on, retried while an overloaded sandbox does not answer."""
+    for attempt in range(10):
+        try:
+            (await sandbox.request(method, path, **kwargs)).raise_for_status()
+            return
+        except httpx.TransportError:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(1)
+
+
 async def _chaos(
     args: argparse.Namespace,
     figures: Figures,
@@ -212,7 +225,7 @@ async def _chaos(
 
     await at(0.15)
     for spec in _mosaic_faults(args.mosaic_fault_rate):
-        (await sandbox.post("/_sandbox/faults", json=spec)).raise_for_status()
+        await _control(sandbox, "POST", "/_sandbox/faults", json=spec)
     window_start = time.monotonic() - begin
     await at(0.4)
     if postgres is not None:
@@ -220,7 +233,7 @@ async def _chaos(
         await postgres.outage(args.pg_down)
         figures.outages.append((down, time.monotonic() + OUTAGE_GRACE))
     await at(0.7)
-    (await sandbox.delete("/_sandbox/faults")).raise_for_status()
+    await _control(sandbox, "DELETE", "/_sandbox/faults")
     figures.mosaic_window = (window_start, time.monotonic() - begin)
     await stop.wait()
     await killer
@@ -336,9 +349,12 @@ async def run(args: argparse.Namespace) -> int:
             await relay.stop()
             await gateway.aclose()
     finally:
-        await cluster.stop()
+        # Each step on its own: one failing must not leave the others' processes running.
+        with contextlib.suppress(Exception):
+            await cluster.stop()
         sandbox_child.stop()
-        await _drop(admin_url, name)
+        with contextlib.suppress(Exception):
+            await _drop(admin_url, name)
         if postgres is not None:
             await asyncio.to_thread(postgres.destroy)
         if ok and not args.keep:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Tests use this server when reachable, else an embedded PostgreSQL (pgserver).
 export UNBLOCK_TEST_DATABASE_URL ?=
 
-.PHONY: install dev test lint fmt typecheck check bench openapi screenshots clean
+.PHONY: install dev test lint fmt typecheck check bench chaos openapi screenshots clean
 
 $(BIN)/unblock: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ screenshots: install  ## the web app's browser tests, saving each step to docs/s
 
 bench: install  ## prints ratios against a baseline measured in the same run
 	$(BIN)/python -m bench
+
+chaos: install  ## the chaos suite, short; CHAOS_FLOWS=1000 CHAOS_SEED=N for the release check
+	$(BIN)/python -m bench.chaos $(if $(CHAOS_FLOWS),--flows $(CHAOS_FLOWS)) \
+		$(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_ARGS)
 
 openapi: install  ## refresh the committed OpenAPI document
 	$(BIN)/unblock openapi > openapi/openapi.json

@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mosaic_sandbox import billing, runs
 from mosaic_sandbox.clock import iso, iso_or_none, now
@@ -95,6 +95,13 @@ class FaultCreate(ControlModel):
     latency_ms: Annotated[int, Field(ge=0, le=600_000)] = 1000
     count: Annotated[int, Field(ge=1)] | None = None
     rate: Annotated[float, Field(ge=0, le=1)] = 1.0
+    lost_answer: bool = False
+
+    @model_validator(mode="after")
+    def _lost_answer_needs_an_answer_to_lose(self) -> FaultCreate:
+        if self.lost_answer and self.action is FaultAction.LATENCY:
+            raise ValueError("lost_answer needs an action that replaces the answer, not latency")
+        return self
 
 
 class ResetRequest(ControlModel):
@@ -263,6 +270,7 @@ async def add_fault(body: FaultCreate, sandbox: SandboxDep) -> dict[str, Any]:
         latency_ms=body.latency_ms,
         count=body.count,
         rate=body.rate,
+        lost_answer=body.lost_answer,
     )
     return fault_view(fault)
 
@@ -406,6 +414,7 @@ def call_view(call: CallRecord) -> dict[str, Any]:
         "body": call.body,
         "status": call.status,
         "fault": call.fault,
+        "applied_status": call.applied_status,
     }
 
 
@@ -420,6 +429,7 @@ def fault_view(fault: Fault) -> dict[str, Any]:
         "latency_ms": fault.latency_ms,
         "remaining": fault.remaining,
         "rate": fault.rate,
+        "lost_answer": fault.lost_answer,
         "fired": fault.fired,
     }
 

@@ -3,11 +3,16 @@
 It is the outermost ASGI layer (see `SandboxApp`), outside Starlette's error middleware, for two
 reasons: the call log must see the status that really went out, and a `drop` fault needs the
 server's own `send` to reach the connection and close it without answering.
+
+A fault marked `lost_answer` lets the call through to the sandbox first (the upgrade is bought,
+the settings are written) and only then answers with the fault: what a caller sees when Mosaic
+did the work but its answer never arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import random
@@ -42,6 +47,8 @@ class CallRecord:
     body: Any
     status: int | None = None
     fault: str | None = None
+    # For a lost answer: what the sandbox answered before the fault replaced it.
+    applied_status: int | None = None
 
 
 class FaultAction(StrEnum):
@@ -49,6 +56,7 @@ class FaultAction(StrEnum):
     RATE_LIMIT = "rate_limit"
     LATENCY = "latency"
     DROP = "drop"
+    HANG = "hang"
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Fault:
     latency_ms: int
     remaining: int | None
     rate: float
+    lost_answer: bool = False
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -87,6 +96,7 @@ class FaultBook:
         latency_ms: int,
         count: int | None,
         rate: float,
+        lost_answer: bool = False,
     ) -> Fault:
         fault = Fault(
             id=max((f.id for f in self.faults), default=0) + 1,
@@ -98,6 +108,7 @@ class FaultBook:
             latency_ms=latency_ms,
             remaining=count,
             rate=rate,
+            lost_answer=lost_answer,
         )
         self.faults.append(fault)
         return fault
@@ -173,7 +184,12 @@ class TrafficGate:
             await self.app(scope, replay, recording_send)
             return
         record.fault = fault.action.value
+        if fault.lost_answer:
+            record.applied_status = await _apply_unheard(self.app, scope, replay)
         if fault.action is FaultAction.DROP:
+            await _drop_connection(send)
+        elif fault.action is FaultAction.HANG:
+            await _wait_for_disconnect(replay, fault.latency_ms / 1000)
             await _drop_connection(send)
         elif fault.action is FaultAction.RATE_LIMIT:
             response = JSONResponse(
@@ -210,6 +226,30 @@ async def _buffer_body(receive: Receive) -> tuple[bytes, Receive]:
         return await receive()
 
     return body, replay
+
+
+async def _apply_unheard(app: ASGIApp, scope: Scope, receive: Receive) -> int | None:
+    """Let the sandbox handle the call and throw its answer away; returns the status it gave."""
+    status: int | None = None
+
+    async def discard(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, discard)
+    return status
+
+
+async def _wait_for_disconnect(receive: Receive, limit: float) -> None:
+    # The body was read already, so the server's `receive` now only returns once the client
+    # goes away: a caller's timeout ends the hang at once instead of holding a task for `limit`.
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(disconnected(), limit)
 
 
 async def _drop_connection(send: Send) -> None:

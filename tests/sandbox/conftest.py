@@ -50,7 +50,8 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
 @pytest_asyncio.fixture
 async def sandbox(sandbox_server: SandboxServer) -> AsyncIterator[SandboxDriver]:
     async with httpx.AsyncClient(base_url=sandbox_server.url, timeout=EVENT_TIMEOUT) as control:
-        (await control.post("/_sandbox/reset")).raise_for_status()
+        # Seed 0 every time: a test that re-seeds must not shift the next test's ids.
+        (await control.post("/_sandbox/reset", json={"seed": 0})).raise_for_status()
         driver = SandboxDriver(sandbox_server, control)
         yield driver
         await driver.aclose()

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import case, text, update
-from sqlalchemy.dialects.postgresql import Insert
+from sqlalchemy import case, cast, literal, text, update
+from sqlalchemy.dialects.postgresql import JSONB, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,18 +59,47 @@ class NotYet(Exception):
 # A step runs in two time boxes, so a slow database after a successful Mosaic call can never
 # eat into the time Mosaic was given, or the other way round: the Mosaic part must end within
 # MOSAIC_SHARE of the lease (the worker sets that box), and `begin_recording` then gives the
-# outcome's transaction a fresh RECORDING_SHARE. Both end inside the lease, so no second worker
-# repeats the calls; if recording runs out, the retry reads Mosaic before writing anything.
+# outcome's transaction the rest, up to RECORDED_BY of the lease (at least RECORDING_SHARE of
+# it). Both end inside the lease, so no second worker repeats the calls; if recording runs out
+# anyway, the retry reads Mosaic (and the job's notes) before writing anything.
 MOSAIC_SHARE = 0.75
 RECORDING_SHARE = 0.2
-STEP_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("step_deadline", default=None)
+RECORDED_BY = 0.95
+
+
+@dataclass(frozen=True)
+class StepDeadline:
+    box: asyncio.Timeout
+    started: float  # loop time the step started at
+
+
+STEP_DEADLINE: ContextVar[StepDeadline | None] = ContextVar("step_deadline", default=None)
 
 
 def begin_recording(lease: timedelta) -> None:
     """The step's Mosaic calls are over: give recording the outcome its own time box."""
-    box = STEP_DEADLINE.get()
-    if box is not None:
-        box.reschedule(asyncio.get_running_loop().time() + lease.total_seconds() * RECORDING_SHARE)
+    deadline = STEP_DEADLINE.get()
+    if deadline is not None:
+        seconds = lease.total_seconds()
+        now = asyncio.get_running_loop().time()
+        deadline.box.reschedule(
+            max(now + seconds * RECORDING_SHARE, deadline.started + seconds * RECORDED_BY)
+        )
+
+
+async def note(db: Database, job: ClaimedJob, **facts: Any) -> None:
+    """Keep what Mosaic answered on the job itself, in a transaction of its own, right away.
+
+    An attempt that dies (or times out) before recording its outcome leaves this for the
+    next attempt, which then acts on Mosaic's answer instead of asking again: the one way to
+    learn a checkout URL twice is to open two checkouts.
+    """
+    async with db.transaction() as session:
+        await session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
+            .values(payload=Job.payload.op("||")(cast(literal(json.dumps(facts)), JSONB)))
+        )
 
 
 class LeaseLost(Exception):

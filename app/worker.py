@@ -43,6 +43,7 @@ from app.work_queue import (
     JobKind,
     LeaseLost,
     NotYet,
+    StepDeadline,
     backoff,
     claim_due,
     claim_job,
@@ -74,8 +75,9 @@ async def execute(rt: Runtime, job: ClaimedJob) -> None:
         # A step must end well inside its lease, or another worker could repeat its calls:
         # its Mosaic part gets MOSAIC_SHARE of the lease, and recording the outcome gets its
         # own box (see work_queue.begin_recording).
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(rt.settings.job_lease.total_seconds() * MOSAIC_SHARE) as box:
-            token = STEP_DEADLINE.set(box)
+            token = STEP_DEADLINE.set(StepDeadline(box, loop.time()))
             try:
                 await STEPS[job.kind](rt, job)
             finally:

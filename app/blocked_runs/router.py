@@ -69,12 +69,15 @@ async def _act_now(
     response_model=BlockedRunOut,
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"description": "The run already has an open blocked run; that one."},
+        200: {
+            "description": "The run already has an open blocked run (that one), or Mosaic "
+            "says it is not blocked (any more): its last blocked run, which says how it ended."
+        },
         202: {
             "description": "The run was blocked before: Mosaic is being asked whether it is "
             "blocked again (`{status: verifying}`); register again or list runs to see."
         },
-        409: {"description": "Mosaic says the run is not blocked for credits (`run_not_blocked`)."},
+        409: {"description": "The run changed concurrently; register again."},
     },
 )
 async def register_run(body: RegisterRun, principal: Registrar, rt: RT) -> JSONResponse:
@@ -91,9 +94,7 @@ async def register_run(body: RegisterRun, principal: Registrar, rt: RT) -> JSONR
             {"status": "verifying", "run_id": body.run_id}, status_code=status.HTTP_202_ACCEPTED
         )
     if run is None:
-        raise IllegalTransition(
-            "Mosaic reports that this run is not blocked for credits.", code="run_not_blocked"
-        )
+        raise IllegalTransition("The run changed concurrently; register again.", code="run_changed")
     code = (
         status.HTTP_201_CREATED if outcome is service.Registration.CREATED else status.HTTP_200_OK
     )

@@ -61,7 +61,7 @@ class Registration(StrEnum):
     CREATED = "created"  # a new blocked run
     EXISTING = "existing"  # the run's open blocked run
     VERIFYING = "verifying"  # the run was blocked before: Mosaic is being asked
-    NOT_BLOCKED = "not_blocked"  # Mosaic says the run is not blocked for credits
+    NOT_BLOCKED = "not_blocked"  # Mosaic says the run is not blocked: its last episode
 
 
 async def register(
@@ -114,9 +114,12 @@ async def verified_registration(
         if opened_run is not None:
             return Registration.CREATED, opened_run
         still = await session.scalar(select(Job.status).where(Job.id == job_id))
-    if still == "pending":
-        return Registration.VERIFYING, None
-    return Registration.NOT_BLOCKED, None
+        if still == "pending":
+            return Registration.VERIFYING, None
+        # Mosaic says the run is not blocked (resumed a moment ago, say): how it last ended.
+        return Registration.NOT_BLOCKED, await repository.latest_episode(
+            session, account_id, run_id
+        )
 
 
 async def read(

@@ -286,7 +286,7 @@ _RELEASE_SQL = """
 WITH picked AS (
     SELECT id, state FROM blocked_runs
     WHERE account_id = CAST(:account_id AS uuid) AND state = ANY(CAST(:froms AS text[]))
-    ORDER BY id
+    ORDER BY id = CAST(:acting_run AS uuid) DESC NULLS LAST, id
     LIMIT :limit
     FOR NO KEY UPDATE
 ), moved AS (
@@ -303,7 +303,8 @@ WITH picked AS (
               b.error_code, b.error_message
 ), history AS (
     INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
-    SELECT id, from_state, CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
+    SELECT id, from_state, CAST(:to_state AS text), CAST(:event AS text),
+           CASE WHEN id = CAST(:acting_run AS uuid) THEN CAST(:actor AS text) ELSE 'system' END,
            CAST(:reason AS text)
     FROM moved
 ), steps AS (
@@ -333,12 +334,14 @@ async def release(
     give_up_after_seconds: float,
     error_code: str | None = None,
     error_message: str | None = None,
+    acting_run: uuid.UUID | None = None,
 ) -> int:
     """Move up to `limit` of the account's runs that `event` applies to; how many moved.
 
     Set-based: one statement per target state, whatever the number of runs, taking the decision
     data (plan, top-up, checkout) from the organization's row. A run moved into `resuming` gets
-    its resume step in the same statement.
+    its resume step in the same statement. The history names `actor` on the run a person acted
+    through (`acting_run`); the others were moved by the system, on the organization's account.
     """
     targets: dict[State, list[str]] = {}
     for (source, on), target in TRANSITIONS.items():
@@ -355,6 +358,7 @@ async def release(
                 "to_state": target.value,
                 "event": event.value,
                 "actor": actor,
+                "acting_run": acting_run,
                 "reason": reason,
                 "error_code": error_code,
                 "error_message": error_message,

@@ -89,11 +89,21 @@ async def decide(
     *,
     actor: str,
     reason: str,
+    acting_run: uuid.UUID | None = None,
     **changes: Any,
 ) -> Decision:
-    """Move the decision, and the runs waiting on it after it (set-based, bounded)."""
+    """Move the decision, and the runs waiting on it after it (set-based, bounded); the run a
+    person acted through (`acting_run`) first, and as theirs in its history."""
     decision = await transition(session, decision, event, actor=actor, reason=reason, **changes)
-    await release_runs(rt, session, decision, actor=actor, limit=INLINE_RELEASE, enqueue_rest=True)
+    await release_runs(
+        rt,
+        session,
+        decision,
+        actor=actor,
+        limit=INLINE_RELEASE,
+        enqueue_rest=True,
+        acting_run=acting_run,
+    )
     return decision
 
 
@@ -105,6 +115,7 @@ async def release_runs(
     actor: str,
     limit: int,
     enqueue_rest: bool,
+    acting_run: uuid.UUID | None = None,
 ) -> int:
     """Move up to `limit` waiting runs by the decision's last event; a job moves the rest."""
     if decision.last_event is None:
@@ -121,6 +132,7 @@ async def release_runs(
         give_up_after_seconds=rt.settings.give_up_after.total_seconds(),
         error_code=decision.error_code if give_up else None,
         error_message=decision.error_message if give_up else None,
+        acting_run=acting_run,
     )
     if moved >= limit and enqueue_rest:
         await enqueue_decision_job(
@@ -266,7 +278,7 @@ async def choose_plan(
             session, decision, chosen_plan_id=plan_id, error_code=None, error_message=None
         )
         return await _person_step(
-            rt, session, account_id, JobKind.UPGRADE_PLAN, actor, plan_id=plan_id
+            rt, session, account_id, JobKind.UPGRADE_PLAN, actor, via_run, plan_id=plan_id
         )
 
 
@@ -276,7 +288,7 @@ async def confirm_checkout(
     """A person says checkout is done: record a fresh GET /plan to check it."""
     async with rt.db.transaction() as session:
         await _locked_for_action(session, account_id, Action.CONFIRM_CHECKOUT, via_run)
-        return await _person_step(rt, session, account_id, JobKind.CONFIRM_CHECKOUT, actor)
+        return await _person_step(rt, session, account_id, JobKind.CONFIRM_CHECKOUT, actor, via_run)
 
 
 async def answer_topup(
@@ -308,6 +320,7 @@ async def answer_topup(
                 account_id,
                 JobKind.SET_TOPUP,
                 actor,
+                via_run,
                 threshold=threshold,
                 quantity=quantity,
             )
@@ -318,6 +331,7 @@ async def answer_topup(
             Event.TOPUP_DECLINED,
             actor=actor,
             reason="auto top-up declined",
+            acting_run=via_run,
             topup={**(decision.topup or {}), "enabled": False},
             decided_at=func.now(),
             error_code=None,
@@ -332,15 +346,17 @@ async def _person_step(
     account_id: uuid.UUID,
     kind: JobKind,
     actor: str,
+    via_run: uuid.UUID | None,
     **payload: object,
 ) -> int:
     # Held from workers while the request itself tries it (see work_queue.enqueue). The step's
-    # moves are recorded as the person's: they asked for them.
+    # moves are recorded as the person's: they asked for them (and the run they asked through).
+    via = {"via_run": str(via_run)} if via_run is not None else {}
     job_id = await enqueue_decision_job(
         session,
         kind,
         account_id=account_id,
-        payload={**payload, "requested_by": actor},
+        payload={**payload, **via, "requested_by": actor},
         give_up_after=rt.settings.give_up_after,
         hold_for=rt.settings.action_deadline,
     )

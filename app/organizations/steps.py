@@ -12,6 +12,7 @@ closes its job (refused if the lease was lost) and moves the decision (and its r
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +20,14 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.blocked_runs.state_machine import Event
-from app.mosaic import TOPUP_ELIGIBLE_PLANS, AutoTopup, MosaicError, PlanOffer, PlanState
+from app.mosaic import (
+    TOPUP_ELIGIBLE_PLANS,
+    AutoTopup,
+    MosaicError,
+    PlanOffer,
+    PlanState,
+    UpgradeResult,
+)
 from app.organizations import repository, spend_guard
 from app.organizations.models import Decision
 from app.organizations.service import RELEASE_BATCH, SYSTEM, decide, release_runs, topup_cap
@@ -32,6 +40,7 @@ from app.work_queue import (
     begin_recording,
     enqueue_decision_job,
     finish,
+    note,
 )
 
 CHOOSING = (DecisionState.AWAITING_CHOICE, DecisionState.AWAITING_CHECKOUT)
@@ -69,6 +78,12 @@ def requested_by(job: ClaimedJob) -> str:
     return str(job.payload.get("requested_by") or SYSTEM)
 
 
+def acted_through(job: ClaimedJob) -> uuid.UUID | None:
+    """The blocked run a person acted through, if they did (its history names them)."""
+    via = job.payload.get("via_run")
+    return uuid.UUID(via) if via else None
+
+
 class _Reading:
     """What Mosaic says of the organization's plan (and, when paid, its auto top-up)."""
 
@@ -98,6 +113,7 @@ async def _on_paid(
     event: Event,
     actor: str,
     why: str,
+    acting_run: uuid.UUID | None = None,
 ) -> None:
     """Mosaic shows a paid plan: to the top-up question, or decided if auto top-up is on."""
     topup = topup_view(reading.plan_id, reading.auto_topup)
@@ -118,13 +134,21 @@ async def _on_paid(
             decision,
             Event.PLAN_PAID_TOPUP_ON,
             actor=actor,
+            acting_run=acting_run,
             reason=f"{why} {reading.plan_id}, auto top-up already on",
             decided_at=func.now(),
             **changes,
         )
     else:
         await decide(
-            rt, session, decision, event, actor=actor, reason=f"{why} {reading.plan_id}", **changes
+            rt,
+            session,
+            decision,
+            event,
+            actor=actor,
+            acting_run=acting_run,
+            reason=f"{why} {reading.plan_id}",
+            **changes,
         )
 
 
@@ -198,23 +222,31 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
                 reading,
                 event=Event.PLAN_PAID,
                 actor=actor,
+                acting_run=acted_through(job),
                 why="nothing bought: the organization is on paid plan",
             )
         return
-    try:
-        result = await rt.mosaic.upgrade_plan(
-            api_key,
-            plan_id,
-            success_url=rt.settings.checkout_success_url,
-            cancel_url=rt.settings.checkout_cancel_url,
-        )
-    except MosaicError as exc:
-        if exc.transient:
-            raise settle_before_retry(rt, exc) from None
-        await _record_problem(
-            rt, job, "upgrade_refused", f"Mosaic refused the upgrade to {plan_id}: {exc.detail}"
-        )
-        return
+    answered = job.payload.get("upgrade_answer")
+    if answered is not None:
+        # An earlier attempt was answered but died before recording it: use that answer. For a
+        # checkout, asking again would open a second one.
+        result = UpgradeResult.model_validate(answered)
+    else:
+        try:
+            result = await rt.mosaic.upgrade_plan(
+                api_key,
+                plan_id,
+                success_url=rt.settings.checkout_success_url,
+                cancel_url=rt.settings.checkout_cancel_url,
+            )
+        except MosaicError as exc:
+            if exc.transient:
+                raise settle_before_retry(rt, exc) from None
+            await _record_problem(
+                rt, job, "upgrade_refused", f"Mosaic refused the upgrade to {plan_id}: {exc.detail}"
+            )
+            return
+        await note(rt.db, job, upgrade_answer=result.model_dump(mode="json"))
 
     begin_recording(rt.settings.job_lease)
     async with rt.db.transaction() as session:
@@ -238,6 +270,7 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
                 decision,
                 Event.CHECKOUT_REQUIRED,
                 actor=actor,
+                acting_run=acted_through(job),
                 reason=f"upgrade to {plan_id} needs the hosted checkout",
                 chosen_plan_id=plan_id,
                 checkout_url=result.checkout_url,
@@ -274,6 +307,7 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
             decision,
             Event.UPGRADED,
             actor=actor,
+            acting_run=acted_through(job),
             reason=f"upgraded to {new_plan_id}",
             **changes,
         )
@@ -307,6 +341,7 @@ async def confirm_checkout(rt: Runtime, job: ClaimedJob) -> None:
             reading,
             event=Event.CHECKOUT_CONFIRMED,
             actor=requested_by(job),
+            acting_run=acted_through(job),
             why="Mosaic shows paid plan",
         )
 
@@ -403,6 +438,7 @@ async def set_topup(rt: Runtime, job: ClaimedJob) -> None:
             decision,
             Event.TOPUP_ENABLED,
             actor=requested_by(job),
+            acting_run=acted_through(job),
             reason=f"auto top-up enabled: {topup['quantity']} credits below {topup['threshold']}",
             topup=topup,
             decided_at=func.now(),

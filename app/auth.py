@@ -10,7 +10,8 @@ from enum import StrEnum
 from typing import Any
 
 import jwt
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 
 from app.errors import Forbidden, Unauthorized
@@ -121,20 +122,40 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-async def authenticate(request: Request) -> Principal:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+# Declared as a security scheme so the OpenAPI document carries it (and Swagger UI can send a
+# token); auto_error=False because a missing token is our own problem+json 401.
+bearer = HTTPBearer(
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
+    description="A JWT naming `account_id` and a space-separated `scope`.",
+    auto_error=False,
+)
+
+
+async def _verified(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("Send Authorization: Bearer <token>.", code="missing_token")
     verifier: TokenVerifier = request.app.state.token_verifier
-    return await verifier.verify(token.strip())
+    return await verifier.verify(credentials.credentials.strip())
 
 
-def requires(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, Principal]]:
+async def authenticate(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)
+) -> Principal:
+    """A dependency: any authenticated caller."""
+    return await _verified(request, credentials)
+
+
+def requires(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency: an authenticated caller holding `scope`."""
 
-    async def dependency(request: Request) -> Principal:
-        principal = await authenticate(request)
+    async def dependency(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer, scopes=[scope.value]),
+    ) -> Principal:
+        principal = await _verified(request, credentials)
         if not principal.has(scope):
             raise Forbidden(f"This needs the {scope.value} scope.", code="missing_scope")
         return principal

@@ -16,6 +16,7 @@ from app.accounts.router import router as accounts_router
 from app.auth import TokenVerifier
 from app.blocked_runs.router import router as blocked_runs_router
 from app.errors import install_error_handlers
+from app.openapi import build_document, operation_id
 from app.organizations.router import router as organization_router
 from app.runtime import Runtime
 from app.settings import Settings, get_settings
@@ -23,6 +24,11 @@ from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
+_HEALTH = {
+    "type": "object",
+    "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}},
+    "required": ["status"],
+}
 
 
 def create_app(
@@ -54,10 +60,20 @@ def create_app(
         title="unblock",
         version="0.1.0",
         summary="Gets credit-blocked Mosaic agent runs moving again.",
+        license_info={"name": "MIT", "identifier": "MIT"},
+        generate_unique_id_function=operation_id,
         lifespan=lifespan,
     )
     app.state.token_verifier = TokenVerifier(settings)
     install_error_handlers(app)
+    servers = [{"url": settings.public_url.rstrip("/"), "description": "This deployment."}]
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_document(app, servers)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(accounts_router)
     app.include_router(webhooks_router)
     app.include_router(blocked_runs_router)
@@ -68,7 +84,17 @@ def create_app(
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        responses={
+            200: {"description": "Ready.", "content": {"application/json": {"schema": _HEALTH}}},
+            503: {
+                "description": "The database does not answer.",
+                "content": {"application/json": {"schema": _HEALTH}},
+            },
+        },
+    )
     async def readyz() -> JSONResponse:
         """Readiness: the database answers."""
         try:

@@ -64,7 +64,8 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
         "status": status,
         "detail": detail,
         "code": code,
-        **extra,
+        # A member with no value is left out, as the Problem schema declares.
+        **{key: value for key, value in extra.items() if value is not None},
     }
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(
@@ -81,6 +82,7 @@ _HTTP_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.blocked_runs.state_machine import Action
 from app.errors import PROBLEM_JSON
@@ -80,6 +80,20 @@ class ProblemCode(StrEnum):
     ERROR = "error"
 
 
+def omitted_when_null(schema: dict[str, Any]) -> None:
+    """For models whose None members are left out of the JSON: optional, never null."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or prop.get("default", ...) is not None:
+            continue
+        del prop["default"]
+        others = [s for s in prop.pop("anyOf", []) if s != {"type": "null"}]
+        if len(others) == 1:
+            prop.update(others[0])
+        elif others:
+            prop["anyOf"] = others
+
+
 class FieldError(BaseModel):
     loc: list[str | int] = Field(description="Where: `body`, `query` or `path`, then the field.")
     msg: str
@@ -88,6 +102,8 @@ class FieldError(BaseModel):
 
 class Problem(BaseModel):
     """An RFC 9457 problem: every error this service answers, as `application/problem+json`."""
+
+    model_config = ConfigDict(json_schema_extra=omitted_when_null)
 
     type: str = Field(description="A URI naming the problem type (ends with `code`).")
     title: str = Field(description="The HTTP status phrase.")

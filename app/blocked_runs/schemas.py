@@ -5,15 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    model_serializer,
-)
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.blocked_runs.state_machine import DECIDING_STATES, Action, Event, State, actions_for
@@ -74,16 +68,12 @@ class LastError(BaseModel):
 
 
 class CurrentPlan(BaseModel):
-    """The organization's plan as Mosaic last reported it (absent fields: not reported)."""
+    """The organization's plan as Mosaic last reported it (null: not reported)."""
 
     id: str | None = None
     family: str | None = None
     status: str | None = None
     current_period_end: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _reported_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class PlanOffer(BaseModel):

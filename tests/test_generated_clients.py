@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from conftest import ADMIN, JWT_SECRET, Stack, eventually, isolated_stack, start_mosaic_run
 from app.auth import mint_token
+from conftest import ADMIN, JWT_SECRET, Stack, eventually, isolated_stack, start_mosaic_run
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -119,7 +119,8 @@ async def test_generated_python_client_walks_the_whole_flow_with_errors(
         assert bad.status_code == 422
         assert isinstance(bad.parsed, m.Problem)
         assert bad.parsed.code is m.ProblemCode.VALIDATION_ERROR
-        assert bad.parsed.errors and bad.parsed.errors[0].loc[0] == "body"
+        assert bad.parsed.errors
+        assert bad.parsed.errors[0].loc[0] == "body"
 
         org = await _sandbox_org(stack)
         created = await c["create_account"].asyncio_detailed(

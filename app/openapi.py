@@ -139,6 +139,20 @@ def _security_problems(operation: dict[str, Any]) -> set[int]:
     return statuses
 
 
+def _drop_boolean_discriminators(node: Any) -> None:
+    # OpenAPI's discriminator maps string values: on a boolean tag (top-up's `enable`) generators
+    # turn it into the strings "true"/"false". Each branch's `const` already discriminates.
+    if isinstance(node, dict):
+        mapping = node.get("discriminator", {}).get("mapping", {})
+        if mapping and set(mapping) <= {"true", "false"}:
+            del node["discriminator"]
+        for value in node.values():
+            _drop_boolean_discriminators(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_boolean_discriminators(value)
+
+
 def _model_schemas(*models: type[BaseModel]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for model in models:
@@ -192,4 +206,5 @@ def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any
                     if content is None or "HTTPValidationError" in str(content):
                         response["content"] = problem_content
             operation["responses"] = dict(sorted(responses.items()))
+    _drop_boolean_discriminators(doc)
     return doc

@@ -14,8 +14,6 @@ from app.main import openapi_document
 from app.openapi import Problem, ProblemCode
 from conftest import ADMIN, Tenant, assert_problem
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 APP = Path(__file__).resolve().parent.parent / "app"
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
@@ -136,6 +134,7 @@ def test_every_code_the_app_raises_is_a_documented_problem_code() -> None:
     assert raised <= {c.value for c in ProblemCode}, raised - {c.value for c in ProblemCode}
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_apps_own_validation_error_has_the_documented_shape(
     client: httpx.AsyncClient, tenant: Tenant
 ) -> None:

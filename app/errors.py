@@ -11,6 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -86,6 +87,19 @@ _HTTP_CODES = {
 }
 
 
+def _allowed_methods(request: Request) -> str | None:
+    # Starlette's `Allow` names only the first route matching the path; a path served by several
+    # routes (GET and POST /v1/blocked-runs) must list them all. Read from the API description,
+    # which every router's routes are in; a 405 is rare, so nothing is cached.
+    allowed: set[str] = set()
+    for path, item in request.app.openapi()["paths"].items():
+        if compile_path(path)[0].match(request.url.path):
+            allowed |= {method.upper() for method in item}
+    if "GET" in allowed:
+        allowed.add("HEAD")  # as Starlette serves HEAD for every GET
+    return ", ".join(sorted(allowed)) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
@@ -106,6 +120,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "internal_error", "Something went wrong on our side.")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return problem(exc.status_code, code, str(exc.detail))
+        answer = problem(exc.status_code, code, str(exc.detail))
+        # Starlette's own headers matter (a 405's `Allow`, which RFC 9110 requires).
+        answer.headers.update(exc.headers or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            answer.headers["Allow"] = allowed
+        return answer

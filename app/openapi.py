@@ -26,7 +26,7 @@ SCHEMAS = "#/components/schemas/"
 # failure of ours.
 GLOBAL_PROBLEMS = (413, 429, 500)
 _DESCRIPTIONS = {
-    400: "The request cannot be read.",
+    400: "The body is not JSON (`bad_request`, `invalid_json`).",
     401: "No valid credentials (`missing_token`, `invalid_token`, `token_expired`, "
     "`bad_signature`).",
     403: "The token lacks the scope (`missing_scope`) or names no account (`no_account`).",
@@ -115,6 +115,19 @@ class Problem(BaseModel):
     pending_step: str | None = Field(default=None, description="409: which step.")
     actions: list[Action] | None = Field(default=None, description="409: what is allowed now.")
     errors: list[FieldError] | None = Field(default=None, description="422: each invalid field.")
+    offered: list[str] | None = Field(
+        default=None, description="422 `plan_not_offered`: the plan ids on offer."
+    )
+
+
+# Schemas that routes reference by hand (an event stream's events) rather than as a body.
+_REFERENCED: dict[str, dict[str, Any]] = {}
+
+
+def referenced_schema(name: str, schema: dict[str, Any]) -> str:
+    """Puts `schema` in the document's components as `name`; returns its `$ref`."""
+    _REFERENCED[name] = schema
+    return SCHEMAS + name
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -180,6 +193,7 @@ def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas.update(_model_schemas(Problem))
+    schemas.update(_REFERENCED)
     problem_content = {PROBLEM_JSON: {"schema": {"$ref": SCHEMAS + "Problem"}}}
     seen: dict[str, str] = {}
     for path, path_item in doc["paths"].items():
@@ -191,7 +205,9 @@ def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any
             # Stated even when empty: open operations (health, metrics) say so explicitly.
             operation.setdefault("security", [])
             responses: dict[str, Any] = operation["responses"]
-            for code in {*GLOBAL_PROBLEMS, *_security_problems(operation)}:
+            # A body that is not JSON at all is refused before validation (400).
+            body_problems = {400} if "requestBody" in operation else set()
+            for code in {*GLOBAL_PROBLEMS, *_security_problems(operation), *body_problems}:
                 responses.setdefault(str(code), {})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:

@@ -104,7 +104,10 @@ def test_action_answers_document_their_202_body() -> None:
     assert "RegistrationVerifying" in str(register["202"]["content"])
     events = doc["paths"]["/v1/blocked-runs/{blocked_run_id}/events"]["get"]["responses"]
     stream = events["200"]["content"]["text/event-stream"]
-    assert stream["x-events"]["state"]["data"] == {"$ref": "#/components/schemas/BlockedRunOut"}
+    assert {"$ref": "#/components/schemas/RunStateEvent"} in stream["schema"]["anyOf"]
+    event = doc["components"]["schemas"]["RunStateEvent"]["properties"]
+    assert event["event"]["const"] == "state"
+    assert event["data"]["contentSchema"] == {"$ref": "#/components/schemas/BlockedRunOut"}
     assert "ping" in events["200"]["description"]
     assert "404" in events
     assert doc["info"]["license"]["identifier"] == "MIT"
@@ -150,3 +153,10 @@ async def test_the_apps_own_validation_error_has_the_documented_shape(
     assert problem.code is ProblemCode.NOTHING_WAITING
     assert problem.state == "idle"
     assert set(body) <= set(Problem.model_fields)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    answer = await client.request("OPTIONS", "/v1/blocked-runs", headers=ADMIN)
+    assert_problem(answer, 405, "method_not_allowed")
+    assert answer.headers["allow"] == "GET, HEAD, POST"

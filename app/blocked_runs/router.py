@@ -25,7 +25,7 @@ from app.blocked_runs.schemas import (
 from app.blocked_runs.state_machine import TERMINAL_STATES, IllegalTransition
 from app.input_text import StorableStr
 from app.notifications import RUN_EVENTS_CHANNEL, next_change_of
-from app.openapi import SCHEMAS, problems
+from app.openapi import SCHEMAS, problems, referenced_schema
 from app.organizations import repository as organizations_repository
 from app.runtime import Runtime, runtime
 from app.work_queue import organization_key
@@ -60,6 +60,27 @@ def _states_param(schema: dict[str, Any]) -> None:
     # curl users type keeps working.
     schema.clear()
     schema.update(type="array", items={"$ref": f"{SCHEMAS}State"})
+
+
+RUN_STATE_EVENT = referenced_schema(
+    "RunStateEvent",
+    {
+        "description": "One event of a run's stream: `event: state`, `id: <version>`, "
+        "`data: <the run as JSON>`.",
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"const": "state"},
+            "id": {"type": "string", "description": "The run's `version`."},
+            "data": {
+                "type": "string",
+                "description": "The run as JSON (a `BlockedRunOut`).",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"{SCHEMAS}BlockedRunOut"},
+            },
+        },
+    },
+)
 
 
 class RegistrationVerifying(BaseModel):
@@ -237,15 +258,11 @@ async def retry(blocked_run_id: uuid.UUID, principal: Writer, rt: RT) -> JSONRes
             "open every 15 seconds. The stream ends once the run is terminal.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": 'event: state\nid: 3\ndata: {"id": "…", "state": '
-                    '"awaiting_choice", "pending": false, …}\n\n: ping - 2026-11-25 08:00:00\n\n',
-                    "x-events": {
-                        "state": {
-                            "id": "the run's version",
-                            "data": {"$ref": f"{SCHEMAS}BlockedRunOut"},
-                        }
-                    },
+                    # Before OpenAPI 3.2's `itemSchema`, `schema` of an event stream describes
+                    # each event (as SSE-aware tools such as schemathesis read it); the string
+                    # branch is the stream as a client without SSE support receives it (a
+                    # generated client hands it over as text instead of failing to parse it).
+                    "schema": {"anyOf": [{"$ref": RUN_STATE_EVENT}, {"type": "string"}]}
                 }
             },
         },

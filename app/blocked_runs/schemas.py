@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.blocked_runs.models import BlockedRun, HistoryEntry
 from app.blocked_runs.state_machine import DECIDING_STATES, Action, Event, State, actions_for
@@ -30,14 +30,23 @@ class ChoosePlan(BaseModel):
     plan_id: StorableStr = Field(min_length=1, max_length=100)
 
 
+def _whole(value: object) -> object:
+    # JSON does not tell 100 from 100.0 (JSON Schema calls both integers); strings and
+    # booleans stay refused by the strict int below.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole)]
+
+
 class TopupEnable(BaseModel):
     """Turn auto top-up on: buy `quantity` credits whenever the balance falls below `threshold`."""
 
     model_config = ConfigDict(extra="forbid")
 
     enable: Literal[True]
-    threshold: int = Field(ge=0, le=MAX_TOPUP, strict=True)
-    quantity: int = Field(ge=0, le=MAX_TOPUP, strict=True)
+    threshold: WholeNumber = Field(ge=0, le=MAX_TOPUP, strict=True)
+    quantity: WholeNumber = Field(ge=0, le=MAX_TOPUP, strict=True)
 
 
 class TopupDecline(BaseModel):

@@ -66,7 +66,8 @@ def create_app(
     )
     app.state.token_verifier = TokenVerifier(settings)
     install_error_handlers(app)
-    servers = [{"url": settings.public_url.rstrip("/"), "description": "This deployment."}]
+    # Relative: the deployment serving the document, so every deployment serves the committed one.
+    servers = [{"url": "/", "description": "The unblock deployment serving this document."}]
 
     def openapi() -> dict[str, object]:
         if app.openapi_schema is None:

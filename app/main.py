@@ -61,17 +61,17 @@ def create_app(
         version="0.1.0",
         summary="Gets credit-blocked Mosaic agent runs moving again.",
         license_info={"name": "MIT", "identifier": "MIT"},
+        # Relative: the deployment serving the document, so each serves the committed one.
+        servers=[{"url": "/", "description": "The unblock deployment serving this document."}],
         generate_unique_id_function=operation_id,
         lifespan=lifespan,
     )
     app.state.token_verifier = TokenVerifier(settings)
     install_error_handlers(app)
-    # Relative: the deployment serving the document, so every deployment serves the committed one.
-    servers = [{"url": "/", "description": "The unblock deployment serving this document."}]
 
     def openapi() -> dict[str, object]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_document(app, servers)
+            app.openapi_schema = build_document(app)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -3,8 +3,8 @@
 A route states only what is particular to it: its success models and the domain error statuses
 it can answer (`problems(404, 409)`). Everything else is derived, so a new router gets it for
 free: operationIds from function names, security schemes from its auth dependencies (declared as
-FastAPI security), 401/403 from that security, 422 wherever FastAPI validates input, 413/429/500
-everywhere, and one RFC 9457 `Problem` body on every error status.
+FastAPI security), 401/403 from that security, 400 wherever there is a body, 422 wherever FastAPI
+validates input, 413/429/500 everywhere, and one RFC 9457 `Problem` body on every error status.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from app.blocked_runs.state_machine import Action
 from app.errors import PROBLEM_JSON
 
 SCHEMAS = "#/components/schemas/"
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # Statuses any route may answer whatever it does: the edge's body limit and rate limit, and a
 # failure of ours.
 GLOBAL_PROBLEMS = (413, 429, 500)
@@ -175,7 +176,7 @@ def _model_schemas(*models: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
-def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any]:
+def build_document(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document, with problems, security answers and unique operationIds."""
     doc = get_openapi(
         title=app.title,
@@ -185,8 +186,13 @@ def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any
         description=app.description,
         routes=app.routes,
         license_info=app.license_info,
-        servers=servers,
+        servers=app.servers,
         tags=app.openapi_tags,
+        webhooks=app.webhooks.routes,
+        terms_of_service=app.terms_of_service,
+        contact=app.contact,
+        external_docs=app.openapi_external_docs,
+        separate_input_output_schemas=app.separate_input_output_schemas,
     )
     schemas: dict[str, Any] = doc.setdefault("components", {}).setdefault("schemas", {})
     # FastAPI's own 422 body (`detail` an array) is not what this service answers.
@@ -198,6 +204,8 @@ def build_document(app: FastAPI, servers: list[dict[str, str]]) -> dict[str, Any
     seen: dict[str, str] = {}
     for path, path_item in doc["paths"].items():
         for method, operation in path_item.items():
+            if method not in _METHODS:
+                continue
             op_id = operation["operationId"]
             if op_id in seen:
                 raise ValueError(f"operationId {op_id} names {seen[op_id]} and {path}; rename one")

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Tests use this server when reachable, else an embedded PostgreSQL (pgserver).
 export UNBLOCK_TEST_DATABASE_URL ?=
 
-.PHONY: install dev test lint fmt typecheck check bench chaos openapi screenshots clean
+.PHONY: install dev test lint fmt typecheck check bench chaos openapi clients screenshots clean
 
 $(BIN)/unblock: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,12 @@ chaos: install  ## the chaos suite, short; CHAOS_FLOWS=1000 CHAOS_SEED=N for the
 openapi: install  ## refresh the committed OpenAPI document
 	$(BIN)/unblock openapi > openapi/openapi.json
 
+# TypeScript types + strict sample + redocly lint, and the generator that
+# tests/test_generated_clients.py uses (in its own venv: it pins its own tools).
+clients: install  ## check openapi/openapi.json as generated clients use it
+	cd clients/ts && npm ci --no-audit --no-fund && npm run check
+	$(PYTHON) -m venv .venv-clients
+	.venv-clients/bin/pip install -q -r clients/python/requirements.txt
+
 clean:
-	rm -rf $(VENV) .unblock .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-clients clients/ts/node_modules clients/ts/generated .unblock .pytest_cache .ruff_cache .mypy_cache

@@ -9,7 +9,8 @@ from enum import StrEnum
 from typing import Any
 
 import jwt
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
@@ -169,10 +170,20 @@ def client_address(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-async def authenticate(request: Request) -> Principal:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+# Declared as a security scheme so the OpenAPI document carries it (and Swagger UI can send a
+# token); auto_error=False because a missing token is our own problem+json 401.
+bearer = HTTPBearer(
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
+    description="A JWT naming `account_id` and a space-separated `scope`.",
+    auto_error=False,
+)
+
+
+async def _verified(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("Send Authorization: Bearer <token>.", code="missing_token")
     # Only a presented token is a guess worth counting; a missing one costs nothing to refuse.
     throttle: AuthThrottle = request.app.state.auth_throttle
@@ -180,7 +191,7 @@ async def authenticate(request: Request) -> Principal:
     throttle.check(source)
     try:
         verifier: TokenVerifier = request.app.state.token_verifier
-        principal = await verifier.verify(token.strip())
+        principal = await verifier.verify(credentials.credentials.strip())
         # A stream opened with this token ends when it expires (app/stream_deadline.py).
         setattr(request.state, TOKEN_EXPIRES_AT, principal.expires_at)
         if principal.account_id is not None:
@@ -195,13 +206,41 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
-def requires(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, Principal]]:
+async def authenticate(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)
+) -> Principal:
+    """A dependency: any authenticated caller."""
+    return await _verified(request, credentials)
+
+
+def requires(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency: an authenticated caller holding `scope`."""
 
-    async def dependency(request: Request) -> Principal:
-        principal = await authenticate(request)
+    async def dependency(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer, scopes=[scope.value]),
+    ) -> Principal:
+        principal = await _verified(request, credentials)
         if not principal.has(scope):
             raise Forbidden(f"This needs the {scope.value} scope.", code="missing_scope")
+        return principal
+
+    return dependency
+
+
+def requires_any(*scopes: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency: an authenticated caller holding at least one of `scopes`."""
+
+    async def dependency(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Security(
+            bearer, scopes=[scope.value for scope in scopes]
+        ),
+    ) -> Principal:
+        principal = await _verified(request, credentials)
+        if not any(principal.has(scope) for scope in scopes):
+            names = " or ".join(scope.value for scope in scopes)
+            raise Forbidden(f"This needs the {names} scope.", code="missing_scope")
         return principal
 
     return dependency

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def problem(
         "status": status,
         "detail": detail,
         "code": code,
-        **extra,
+        # A member with no value is left out, as the Problem schema declares.
+        **{key: value for key, value in extra.items() if value is not None},
     }
     headers = dict(headers or {})
     if status == 401:
@@ -101,6 +102,19 @@ _HTTP_CODES = {
     429: "too_many_requests",
     415: "unsupported_media_type",
 }
+
+
+def _allowed_methods(request: Request) -> str | None:
+    # Starlette's `Allow` names only the first route matching the path; a path served by several
+    # routes (GET and POST /v1/blocked-runs) must list them all. Read from the API description,
+    # which every router's routes are in; a 405 is rare, so nothing is cached.
+    allowed: set[str] = set()
+    for path, item in request.app.openapi()["paths"].items():
+        if compile_path(path)[0].match(request.url.path):
+            allowed |= {method.upper() for method in item}
+    if "GET" in allowed:
+        allowed.add("HEAD")  # as Starlette serves HEAD for every GET
+    return ", ".join(sorted(allowed)) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -125,24 +139,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        # Headers such as a 405's Allow belong to the answer.
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            headers["Allow"] = _allowed_methods(request)
-        return problem(exc.status_code, code, str(exc.detail), headers=headers)
-
-
-def _allowed_methods(request: Request) -> str:
-    """Every method some route takes at this path (Starlette names only the first route's)."""
-    allowed = []
-    for method in _METHODS:
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
-            allowed.append(method)
-    return ", ".join(allowed)
-
-
-_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+        answer = problem(exc.status_code, code, str(exc.detail))
+        # Starlette's own headers matter (a 405's `Allow`, which RFC 9110 requires).
+        answer.headers.update(exc.headers or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            answer.headers["Allow"] = allowed
+        return answer
 
 
 class OperatorError(Exception):

@@ -19,6 +19,7 @@ from app.blocked_runs.router import router as blocked_runs_router
 from app.body_limit import BodyLimit
 from app.errors import install_error_handlers
 from app.log import RequestContext
+from app.openapi import build_document, operation_id
 from app.organizations.router import router as organization_router
 from app.runtime import Runtime
 from app.security_headers import SecurityHeaders
@@ -32,6 +33,11 @@ from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
 
 log = logging.getLogger(__name__)
+_HEALTH = {
+    "type": "object",
+    "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}},
+    "required": ["status"],
+}
 
 # Accounts and run actions take a few hundred bytes of JSON; 64 KiB leaves room for any of them.
 API_MAX_BODY = 64 * 1024
@@ -67,6 +73,10 @@ def create_app(
         title="unblock",
         version="0.1.0",
         summary="Gets credit-blocked Mosaic agent runs moving again.",
+        license_info={"name": "MIT", "identifier": "MIT"},
+        # Relative: the deployment serving the document, so each serves the committed one.
+        servers=[{"url": "/", "description": "The unblock deployment serving this document."}],
+        generate_unique_id_function=operation_id,
         lifespan=lifespan,
     )
     app.state.token_verifier = TokenVerifier(settings)
@@ -94,6 +104,13 @@ def create_app(
     app.add_middleware(RequestContext)
     app.add_middleware(SecurityHeaders)  # outermost, so every answer carries its headers
     install_error_handlers(app)
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(accounts_router)
     app.include_router(webhooks_router)
     app.include_router(blocked_runs_router)
@@ -106,7 +123,17 @@ def create_app(
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        responses={
+            200: {"description": "Ready.", "content": {"application/json": {"schema": _HEALTH}}},
+            503: {
+                "description": "The database does not answer.",
+                "content": {"application/json": {"schema": _HEALTH}},
+            },
+        },
+    )
     async def readyz() -> JSONResponse:
         """Readiness: the database answers and its schema is the one this code expects."""
         try:

@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import case, cast, literal, text, update
 from sqlalchemy.dialects.postgresql import JSONB, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from app.blocked_runs.models import Job
 from app.database import Database
@@ -92,14 +94,22 @@ async def note(db: Database, job: ClaimedJob, **facts: Any) -> None:
 
     An attempt that dies (or times out) before recording its outcome leaves this for the
     next attempt, which then acts on Mosaic's answer instead of asking again: the one way to
-    learn a checkout URL twice is to open two checkouts.
+    learn a checkout URL twice is to open two checkouts. A database that is briefly away (a
+    restart, a failover) is waited for, within the step's time box, for the same reason.
     """
-    async with db.transaction() as session:
-        await session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
-            .values(payload=Job.payload.op("||")(cast(literal(json.dumps(facts)), JSONB)))
-        )
+    statement = (
+        update(Job)
+        .where(Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
+        .values(payload=Job.payload.op("||")(cast(literal(json.dumps(facts)), JSONB)))
+    )
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((DBAPIError, OSError)),
+        wait=wait_exponential(multiplier=0.1, max=1.0),
+        reraise=True,
+    ):
+        with attempt:
+            async with db.transaction() as session:
+                await session.execute(statement)
 
 
 class LeaseLost(Exception):

@@ -389,7 +389,7 @@ async def test_a_405_names_every_method_the_path_takes_in_allow(
     # Two routes share this path; the answer names the methods of both.
     answer = await client.delete("/v1/blocked-runs")
     assert_problem(answer, 405, "method_not_allowed")
-    assert answer.headers["allow"] == "GET, POST"
+    assert answer.headers["allow"] == "GET, HEAD, POST"
 
 
 async def test_a_throttled_key_may_try_again_once_its_bucket_refills() -> None:

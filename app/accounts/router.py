@@ -11,16 +11,10 @@ from app.accounts import service
 from app.accounts.schemas import AccountCreate, AccountCreated, AccountOut, AccountUpdate
 from app.auth import Principal, Scope, authenticate, requires
 from app.errors import NotFound
+from app.openapi import problems
 from app.runtime import Runtime, runtime
 
-router = APIRouter(
-    prefix="/v1/accounts",
-    tags=["accounts"],
-    responses={
-        401: {"description": "No valid bearer token (problem+json)."},
-        403: {"description": "The token lacks accounts:admin (problem+json)."},
-    },
-)
+router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
 
 # exclude_none: `webhook_secret` appears only when generated, never as a null beside a supplied one.
@@ -43,7 +37,7 @@ async def create_account(
 @router.get(
     "/{account_id}",
     response_model=AccountOut,
-    responses={404: {"description": "Unknown id, or an account the token may not read."}},
+    responses=problems(404),
 )
 async def read_account(
     account_id: uuid.UUID,

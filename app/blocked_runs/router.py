@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.auth import Principal, Scope, account_of, requires
@@ -24,29 +25,69 @@ from app.blocked_runs.schemas import (
 from app.blocked_runs.state_machine import TERMINAL_STATES, IllegalTransition
 from app.input_text import StorableStr
 from app.notifications import RUN_EVENTS_CHANNEL, next_change_of
+from app.openapi import SCHEMAS, problems, referenced_schema
 from app.organizations import repository as organizations_repository
 from app.runtime import Runtime, runtime
 from app.work_queue import organization_key
 from app.worker import attempt_now
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No valid bearer token (problem+json)."},
-    403: {"description": "The token lacks the scope, or names no account (problem+json)."},
-}
-router = APIRouter(prefix="/v1/blocked-runs", tags=["blocked runs"], responses=AUTH_RESPONSES)
+router = APIRouter(prefix="/v1/blocked-runs", tags=["blocked runs"])
 
 Reader = Annotated[Principal, Depends(requires(Scope.RUNS_READ))]
 Writer = Annotated[Principal, Depends(requires(Scope.RUNS_WRITE))]
 Registrar = Annotated[Principal, Depends(requires(Scope.RUNS_REGISTER))]
 RT = Annotated[Runtime, Depends(runtime)]
 
-ACTION_RESPONSES: dict[int | str, dict[str, object]] = {
-    200: {"description": "Done at once; the run as it is now."},
-    202: {"description": "Recorded; a Mosaic call is still under way (`pending: true`)."},
-    409: {"description": "Not allowed in the run's current state (problem names it)."},
-    404: {"description": "Unknown id, or another account's."},
-    422: {"description": "Bad input (e.g. a plan that was not offered)."},
-}
+
+def action_responses(model: type[BaseModel], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """How a person's action answers: 200 done, 202 still under way (same body), or a problem."""
+    return {
+        200: {"model": model, "description": "Done at once; as it is now."},
+        202: {
+            "model": model,
+            "description": "Recorded; a Mosaic call is still under way (`pending: true`). "
+            "The worker finishes it: follow the events stream, or read again.",
+        },
+        **problems(*statuses),
+    }
+
+
+ACTION_RESPONSES = action_responses(BlockedRunOut, 404, 409)
+
+
+def _states_param(schema: dict[str, Any]) -> None:
+    # Documented as an array of states (how generated clients send it); the comma form that
+    # curl users type keeps working.
+    schema.clear()
+    schema.update(type="array", items={"$ref": f"{SCHEMAS}State"})
+
+
+RUN_STATE_EVENT = referenced_schema(
+    "RunStateEvent",
+    {
+        "description": "One event of a run's stream: `event: state`, `id: <version>`, "
+        "`data: <the run as JSON>`.",
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"const": "state"},
+            "id": {"type": "string", "description": "The run's `version`."},
+            "data": {
+                "type": "string",
+                "description": "The run as JSON (a `BlockedRunOut`).",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"{SCHEMAS}BlockedRunOut"},
+            },
+        },
+    },
+)
+
+
+class RegistrationVerifying(BaseModel):
+    """A run that was blocked before is being verified with Mosaic."""
+
+    status: Literal["verifying"]
+    run_id: str
 
 
 async def _answer(rt: Runtime, account_id: uuid.UUID, blocked_run_id: uuid.UUID) -> JSONResponse:
@@ -70,12 +111,14 @@ async def _act_now(
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {
+            "model": BlockedRunOut,
             "description": "The run already has an open blocked run (that one), or Mosaic "
-            "says it is not blocked (any more): its last blocked run, which says how it ended."
+            "says it is not blocked (any more): its last blocked run, which says how it ended.",
         },
         202: {
+            "model": RegistrationVerifying,
             "description": "The run was blocked before: Mosaic is being asked whether it is "
-            "blocked again (`{status: verifying}`); register again or list runs to see."
+            "blocked again; register again or list runs to see.",
         },
         409: {"description": "The run changed concurrently; register again."},
     },
@@ -109,14 +152,20 @@ async def register_run(body: RegisterRun, principal: Registrar, rt: RT) -> JSONR
 async def list_runs(
     principal: Reader,
     rt: RT,
-    state: Annotated[str | None, Query(description="Comma-separated states.")] = None,
+    state: Annotated[
+        list[str] | None,
+        Query(
+            description="Only runs in these states (repeat the parameter; commas also work).",
+            json_schema_extra=_states_param,
+        ),
+    ] = None,
     run_id: Annotated[StorableStr | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> BlockedRunPage:
     """The caller's blocked runs, newest first."""
     account_id = account_of(principal)
-    states = service.states_filter(state)
+    states = service.states_filter(",".join(state) if state is not None else None)
     async with rt.db.sessions() as session:
         rows, next_cursor = await repository.page(
             session, account_id, states=states, run_id=run_id, limit=limit, cursor=cursor
@@ -130,7 +179,7 @@ async def list_runs(
 @router.get(
     "/{blocked_run_id}",
     response_model=BlockedRunOut,
-    responses={404: {"description": "Unknown id, or another account's."}},
+    responses=problems(404),
 )
 async def read_run(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> BlockedRunOut:
     """One blocked run with its history of state changes."""
@@ -199,7 +248,25 @@ async def retry(blocked_run_id: uuid.UUID, principal: Writer, rt: RT) -> JSONRes
 @router.get(
     "/{blocked_run_id}/events",
     response_class=Response,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "State changes."}},
+    responses={
+        200: {
+            "description": "A stream of server-sent events. Each change is an event named "
+            "`state` whose `id` is the run's `version` and whose `data` is the run as JSON "
+            "(a `BlockedRunOut`): one at once, then one after every change of the run or of the "
+            "decision it waits on. A comment line (`: ping - <time>`) keeps the connection "
+            "open every 15 seconds. The stream ends once the run is terminal.",
+            "content": {
+                "text/event-stream": {
+                    # Before OpenAPI 3.2's `itemSchema`, `schema` of an event stream describes
+                    # each event (as SSE-aware tools such as schemathesis read it); the string
+                    # branch is the stream as a client without SSE support receives it (a
+                    # generated client hands it over as text instead of failing to parse it).
+                    "schema": {"anyOf": [{"$ref": RUN_STATE_EVENT}, {"type": "string"}]}
+                }
+            },
+        },
+        **problems(404),
+    },
 )
 async def events(blocked_run_id: uuid.UUID, principal: Reader, rt: RT) -> EventSourceResponse:
     """A `state` event with the run now and after every change; ends once the run is terminal."""

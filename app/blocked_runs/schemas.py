@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app import input_text
 from app.blocked_runs.models import BlockedRun, HistoryEntry
-from app.blocked_runs.state_machine import DECIDING_STATES, State, actions_for
+from app.blocked_runs.state_machine import DECIDING_STATES, Action, Event, State, actions_for
 from app.input_text import StorableStr
 from app.organizations.models import Decision
 
@@ -31,18 +31,36 @@ class ChoosePlan(BaseModel):
     plan_id: StorableStr = Field(min_length=1, max_length=100)
 
 
-class TopupAnswer(BaseModel):
+def _whole(value: object) -> object:
+    # JSON does not tell 100 from 100.0 (JSON Schema calls both integers); strings and
+    # booleans stay refused by the strict int below.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole)]
+
+
+class TopupEnable(BaseModel):
+    """Turn auto top-up on: buy `quantity` credits whenever the balance falls below `threshold`."""
+
     model_config = ConfigDict(extra="forbid")
 
-    enable: bool
-    threshold: int | None = Field(default=None, ge=0, le=MAX_TOPUP, strict=True)
-    quantity: int | None = Field(default=None, ge=0, le=MAX_TOPUP, strict=True)
+    enable: Literal[True]
+    threshold: WholeNumber = Field(ge=0, le=MAX_TOPUP, strict=True)
+    quantity: WholeNumber = Field(ge=0, le=MAX_TOPUP, strict=True)
 
-    @model_validator(mode="after")
-    def _values_when_enabling(self) -> TopupAnswer:
-        if self.enable and (self.threshold is None or self.quantity is None):
-            raise ValueError("enabling auto top-up needs threshold and quantity")
-        return self
+
+class TopupDecline(BaseModel):
+    """Leave auto top-up off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: Literal[False]
+    threshold: ClassVar[None] = None
+    quantity: ClassVar[None] = None
+
+
+TopupAnswer = Annotated[TopupEnable | TopupDecline, Field(discriminator="enable")]
 
 
 class Topup(BaseModel):
@@ -52,17 +70,40 @@ class Topup(BaseModel):
     quantity: int = 0
 
 
-class Problem(BaseModel):
+class LastError(BaseModel):
+    """The last problem shown to a person about this run (or its organization's decision)."""
+
     code: str
     message: str
+
+
+class CurrentPlan(BaseModel):
+    """The organization's plan as Mosaic last reported it (null: not reported)."""
+
+    id: str | None = None
+    family: str | None = None
+    status: str | None = None
+    current_period_end: str | None = None
+
+
+class PlanOffer(BaseModel):
+    """A plan offered while a plan is being chosen (from Mosaic's `GET /plan/list`)."""
+
+    id: str = Field(description="The `plan_id` to send to choose-plan.")
+    aliases: list[str] = Field(default_factory=list, description="Other ids for the same plan.")
+    billing: str | None = None
+    price_usd: float | None = None
+    credits_per_month: float | None = None
+    top_up_rate_per_100_credits_usd: float | None = None
+    notes: str | None = None
 
 
 class Transition(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    from_state: str | None
-    to_state: str
-    event: str
+    from_state: State | None
+    to_state: State
+    event: Event
     actor: str
     reason: str | None
     at: datetime = Field(validation_alias="created_at")
@@ -73,15 +114,15 @@ class BlockedRunOut(BaseModel):
     account_id: uuid.UUID
     run_id: str
     agent_id: str | None
-    state: str
-    pending: bool
-    actions: list[str]
-    plan: dict[str, Any] | None
-    plans: list[dict[str, Any]] | None
+    state: State
+    pending: bool = Field(description="A Mosaic call is under way for this run.")
+    actions: list[Action] = Field(description="What the caller may do now.")
+    plan: CurrentPlan | None
+    plans: list[PlanOffer] | None = Field(description="Offered in `awaiting_choice`/checkout.")
     chosen_plan_id: str | None
     checkout_url: str | None
     topup: Topup | None
-    error: Problem | None
+    error: LastError | None
     version: int
     created_at: datetime
     updated_at: datetime
@@ -101,7 +142,7 @@ class BlockedRunOut(BaseModel):
             source = decision
         choosing = run.state in (State.AWAITING_CHOICE, State.AWAITING_CHECKOUT)
         error = (
-            Problem(code=source.error_code, message=source.error_message or "")
+            LastError(code=source.error_code, message=source.error_message or "")
             if source.error_code
             else None
         )

@@ -9,14 +9,15 @@ from fastapi import APIRouter, Depends, status
 from fastapi.responses import JSONResponse
 
 from app.auth import Principal, Scope, account_of, requires
-from app.blocked_runs.router import ACTION_RESPONSES, AUTH_RESPONSES
+from app.blocked_runs.router import action_responses
 from app.blocked_runs.schemas import ChoosePlan, TopupAnswer
 from app.organizations import service
 from app.organizations.schemas import OrganizationOut
 from app.runtime import Runtime, runtime
 from app.worker import attempt_now
 
-router = APIRouter(prefix="/v1/organization", tags=["organization"], responses=AUTH_RESPONSES)
+router = APIRouter(prefix="/v1/organization", tags=["organization"])
+ACTION_RESPONSES = action_responses(OrganizationOut, 409)
 
 Reader = Annotated[Principal, Depends(requires(Scope.RUNS_READ))]
 Writer = Annotated[Principal, Depends(requires(Scope.RUNS_WRITE))]
@@ -42,7 +43,7 @@ async def read_organization(principal: Reader, rt: RT) -> OrganizationOut:
 
 
 @router.post("/choose-plan", response_model=OrganizationOut, responses=ACTION_RESPONSES)
-async def choose_plan(body: ChoosePlan, principal: Writer, rt: RT) -> JSONResponse:
+async def choose_organization_plan(body: ChoosePlan, principal: Writer, rt: RT) -> JSONResponse:
     """Upgrade the organization to one of the offered plans (another plan replaces an open
     checkout)."""
     account_id = account_of(principal)
@@ -51,7 +52,7 @@ async def choose_plan(body: ChoosePlan, principal: Writer, rt: RT) -> JSONRespon
 
 
 @router.post("/confirm-checkout", response_model=OrganizationOut, responses=ACTION_RESPONSES)
-async def confirm_checkout(principal: Writer, rt: RT) -> JSONResponse:
+async def confirm_organization_checkout(principal: Writer, rt: RT) -> JSONResponse:
     """Checkout is done: re-read the plan in Mosaic."""
     account_id = account_of(principal)
     job_id = await service.confirm_checkout(rt, account_id, principal.actor, via_run=None)
@@ -59,7 +60,7 @@ async def confirm_checkout(principal: Writer, rt: RT) -> JSONResponse:
 
 
 @router.post("/topup", response_model=OrganizationOut, responses=ACTION_RESPONSES)
-async def answer_topup(body: TopupAnswer, principal: Writer, rt: RT) -> JSONResponse:
+async def answer_organization_topup(body: TopupAnswer, principal: Writer, rt: RT) -> JSONResponse:
     """Enable auto top-up (threshold, quantity) or decline; then the waiting runs resume."""
     account_id = account_of(principal)
     job_id = await service.answer_topup(

@@ -5,22 +5,23 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.blocked_runs.schemas import Problem, Topup
+from app.blocked_runs.schemas import CurrentPlan, LastError, PlanOffer, Topup
+from app.blocked_runs.state_machine import Action, Event
 from app.organizations.service import DecisionView
 from app.organizations.state_machine import DecisionState, actions_for
+from app.work_queue import JobKind
 
 
 class DecisionTransition(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     round: int
-    from_state: str
-    to_state: str
-    event: str
+    from_state: DecisionState
+    to_state: DecisionState
+    event: Event
     actor: str
     reason: str | None
     at: datetime = Field(validation_alias="created_at")
@@ -41,14 +42,14 @@ class OrganizationOut(BaseModel):
     """The one prompt per organization: what is being decided, and how many runs wait on it."""
 
     account_id: uuid.UUID
-    state: str = Field(description=f"One of {[s.value for s in DecisionState]}.")
+    state: DecisionState
     round: int = Field(description="How many times a blocked run made the plan a question.")
     pending: bool = Field(description="A Mosaic step of the decision is under way.")
-    pending_step: str | None = Field(description="Which one (e.g. upgrade_plan).")
-    actions: list[str]
+    pending_step: JobKind | None = Field(description="Which one (e.g. upgrade_plan).")
+    actions: list[Action] = Field(description="What the caller may decide now.")
     runs_waiting: int = Field(description="Blocked runs waiting on this decision.")
-    plan: dict[str, Any] | None
-    plans: list[dict[str, Any]] | None
+    plan: CurrentPlan | None
+    plans: list[PlanOffer] | None
     chosen_plan_id: str | None
     checkout_url: str | None
     topup: Topup | None
@@ -59,7 +60,7 @@ class OrganizationOut(BaseModel):
         description="The account's spend guard: auto top-up settings whose worst-case month "
         "costs more are refused (`topup_over_spend_cap`); null: no cap."
     )
-    error: Problem | None
+    error: LastError | None
     decided_at: datetime | None
     version: int
     updated_at: datetime
@@ -75,7 +76,7 @@ class OrganizationOut(BaseModel):
             state=d.state,
             round=d.round,
             pending=pending,
-            pending_step=view.pending_step.value if view.pending_step else None,
+            pending_step=view.pending_step,
             actions=actions_for(d.state, pending=pending),
             runs_waiting=view.runs_waiting,
             plan=d.plan,
@@ -85,7 +86,7 @@ class OrganizationOut(BaseModel):
             topup=Topup.model_validate(d.topup) if d.topup else None,
             topup_price=TopupPrice(**price.as_json()) if (price := view.topup_price) else None,
             monthly_topup_cap_usd=view.monthly_topup_cap_usd,
-            error=Problem(code=d.error_code, message=d.error_message or "")
+            error=LastError(code=d.error_code, message=d.error_message or "")
             if d.error_code
             else None,
             decided_at=d.decided_at,

@@ -5,16 +5,32 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Request, status
+from fastapi import APIRouter, Depends, Request, Security, status
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 
 from app.auth import client_address
 from app.errors import DomainError, NotFound, Unauthorized
+from app.openapi import problems
 from app.runtime import Runtime, runtime
 from app.throttle import AuthThrottle
 from app.webhooks.service import receive
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+# A security scheme rather than a plain header, so generated clients and the document show how
+# Mosaic authenticates; auto_error=False because a missing signature is our own 401.
+signature = APIKeyHeader(
+    name="X-Mosaic-Signature",
+    scheme_name="mosaicSignature",
+    description="The account's webhook secret, as Mosaic sends it.",
+    auto_error=False,
+)
+
+
+async def mosaic_signature(value: str | None = Security(signature)) -> str | None:
+    """The signature as sent (checked against the account's secret in the service)."""
+    return value
 
 
 class WebhookAck(BaseModel):
@@ -25,6 +41,11 @@ class WebhookAck(BaseModel):
     "/mosaic/{account_id}",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=WebhookAck,
+    responses={
+        400: {"description": "The body is not JSON (`invalid_json`)."},
+        **problems(404),
+        422: {"description": "Not a Mosaic run event (`malformed_webhook`)."},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -36,7 +57,7 @@ async def mosaic_webhook(
     account_id: uuid.UUID,
     request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
-    x_mosaic_signature: Annotated[str | None, Header()] = None,
+    x_mosaic_signature: Annotated[str | None, Depends(mosaic_signature)],
 ) -> WebhookAck:
     """A Mosaic run event (RUN_STARTED, RUN_PROGRESS, RUN_FINISHED) for this account."""
     throttle: AuthThrottle = request.app.state.auth_throttle

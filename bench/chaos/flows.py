@@ -191,10 +191,21 @@ class Load:
         body = {"run_id": run_id, "agent_id": f"agent-{org.index}"}
 
         async def once() -> None:
-            answer = await self.gateway.call(
-                "POST", "/v1/blocked-runs", json=body, headers=org.service, deadline=self.deadline
-            )
-            self.registrations += 1
+            pause = 0.2
+            while True:
+                answer = await self.gateway.call(
+                    "POST",
+                    "/v1/blocked-runs",
+                    json=body,
+                    headers=org.service,
+                    deadline=self.deadline,
+                )
+                self.registrations += 1
+                # 202: a run blocked before is being verified with Mosaic; ask again shortly.
+                if answer.status_code != 202 or time.monotonic() > self.deadline:
+                    break
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
             if answer.status_code not in (200, 201):
                 org.surprises.append(f"register {run_id}: {answer.status_code} {answer.text}")
 

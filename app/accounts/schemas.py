@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from decimal import Decimal
-from typing import Any
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema, field_validator
 
 from app.input_text import StorableStr, storable
 from app.secret_policy import WEBHOOK_SECRET_MIN_BITS, WEBHOOK_SECRET_MIN_LENGTH, weakness
@@ -62,16 +62,27 @@ MAX_CAP_USD = Decimal("1000000")
 class AccountUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    monthly_topup_cap_usd: Decimal | None = Field(
+    # A number in the document (not Decimal's number-or-string), so every value the document
+    # allows is taken; kept to the cent.
+    monthly_topup_cap_usd: (
+        Annotated[
+            Decimal,
+            WithJsonSchema({"type": "number", "minimum": 0, "maximum": int(MAX_CAP_USD)}),
+        ]
+        | None
+    ) = Field(
         default=None,
         ge=0,
         le=MAX_CAP_USD,
-        max_digits=12,
-        decimal_places=2,
-        description="At most this much auto top-up spend in a worst-case month (USD); null: "
-        "no cap; omitted: unchanged. Settings that could cost more are refused "
-        "(`topup_over_spend_cap`).",
+        description="At most this much auto top-up spend in a worst-case month (USD, kept to "
+        "the cent); null: no cap; omitted: unchanged. Settings that could cost more are "
+        "refused (`topup_over_spend_cap`).",
     )
+
+    @field_validator("monthly_topup_cap_usd")
+    @classmethod
+    def _to_the_cent(cls, value: Decimal | None) -> Decimal | None:
+        return None if value is None else value.quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
 class AccountOut(BaseModel):

@@ -216,19 +216,31 @@ def _one_resume_per_episode(
 
 
 def _one_purchase(seen: Observed, upgrades: Counter[str]) -> Check:
+    """Money changes hands once per decision: an immediate upgrade Mosaic applied, or a hosted
+    checkout the person paid. An extra checkout *opened* is no purchase (nobody pays it; it
+    happens when a process dies between Mosaic applying the request and the answer being
+    kept): it is shown, not failed."""
     check = Check("at most one purchase per organization decision")
-    for org in seen.orgs:
-        expected = 1 if org.kind in (Kind.FREE_CHECKOUT, Kind.FREE_IMMEDIATE) else 0
-        if upgrades[org.account_id] != expected:
-            check.problems.append(
-                f"{org.kind} org {org.index}: {upgrades[org.account_id]} upgrades bought"
-                f" (expected {expected})"
-            )
+    extra_open = 0
     for org in seen.orgs:
         checkouts = seen.sandbox_orgs.get(org.organization_id, {}).get("checkouts", [])
-        if len(checkouts) > 1:
-            check.problems.append(f"{org.kind} org {org.index}: {len(checkouts)} checkouts opened")
-    check.figure = f"{sum(upgrades.values())} purchases"
+        if org.kind is Kind.FREE_CHECKOUT:
+            bought = sum(1 for c in checkouts if c.get("status") == "paid")
+            extra_open += max(0, len(checkouts) - 1)
+        else:
+            bought = upgrades[org.account_id]
+        expected = 1 if org.kind in (Kind.FREE_CHECKOUT, Kind.FREE_IMMEDIATE) else 0
+        if bought != expected:
+            check.problems.append(
+                f"{org.kind} org {org.index}: {bought} upgrades bought (expected {expected})"
+            )
+    purchases = sum(
+        sum(1 for c in seen.sandbox_orgs.get(o.organization_id, {}).get("checkouts", [])
+            if c.get("status") == "paid")
+        if o.kind is Kind.FREE_CHECKOUT else upgrades[o.account_id]
+        for o in seen.orgs
+    )  # fmt: skip
+    check.figure = f"{purchases} purchases; {extra_open} extra checkouts opened, none paid"
     return check
 
 

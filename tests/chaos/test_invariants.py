@@ -133,3 +133,24 @@ def test_a_stuck_episode_and_a_pending_step_fail() -> None:
     seen.episodes[0]["state"] = "resuming"
     seen.pending_jobs = 1
     assert "no run stuck" in _failed(seen)
+
+
+def _checkout_org(*statuses: str) -> Observed:
+    seen = _healthy()
+    seen.orgs[0].kind = Kind.FREE_CHECKOUT
+    seen.calls[0:1] = [_call("/plan/upgrade", 200) for _ in statuses]
+    seen.sandbox_orgs["org-1"]["checkouts"] = [{"status": status} for status in statuses]
+    return seen
+
+
+def test_a_second_paid_checkout_is_a_second_purchase() -> None:
+    assert _failed(_checkout_org("paid", "paid")) == {
+        "at most one purchase per organization decision"
+    }
+
+
+def test_an_extra_checkout_nobody_paid_is_shown_not_failed() -> None:
+    seen = _checkout_org("open", "paid")
+    assert _failed(seen) == set()
+    (check,) = [c for c in check_all(seen) if c.name.startswith("at most one purchase")]
+    assert "1 extra checkouts opened" in check.figure

@@ -53,6 +53,8 @@ from app.work_queue import (
 )
 
 log = logging.getLogger(__name__)
+# Steps whose Mosaic call spends money or changes settings.
+WRITES = frozenset({JobKind.UPGRADE_PLAN, JobKind.SET_TOPUP})
 
 Step = Callable[[Runtime, ClaimedJob], Awaitable[None]]
 STEPS: dict[JobKind, Step] = {
@@ -98,8 +100,11 @@ async def execute(rt: Runtime, job: ClaimedJob) -> None:
             code = "mosaic_unavailable" if exc.transient else "mosaic_rejected"
             await give_up(rt, job, code, str(exc))
     except TimeoutError:
+        # A write cut off mid-call may still land at Mosaic: like a lost answer, its retry
+        # waits for that first, then reads before writing (organizations/steps.py).
+        settle = 2 * rt.settings.mosaic_timeout.total_seconds() if job.kind in WRITES else None
         if datetime.now(UTC) < job.give_up_at:
-            await _retry_later(rt, job, "the step took too long", None)
+            await _retry_later(rt, job, "the step took too long", settle)
         else:
             await give_up(rt, job, "mosaic_unavailable", "Mosaic kept answering too slowly.")
     except Exception as exc:

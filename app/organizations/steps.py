@@ -246,6 +246,8 @@ async def upgrade_plan(rt: Runtime, job: ClaimedJob) -> None:
                 rt, job, "upgrade_refused", f"Mosaic refused the upgrade to {plan_id}: {exc.detail}"
             )
             return
+        # Keeping Mosaic's answer is the first part of recording it: out of Mosaic's time box.
+        begin_recording(rt.settings.job_lease)
         await note(rt.db, job, upgrade_answer=result.model_dump(mode="json"))
 
     begin_recording(rt.settings.job_lease)

@@ -1,0 +1,340 @@
+"""The performance goals (P1–P5, steps), each a ratio against a bare baseline in the same run.
+
+Baselines are real processes measured in slices interleaved with unblock's, on the same
+PostgreSQL, with the same uvicorn settings (uvloop, httptools, one worker): `bench/bare.py`
+(one durable INSERT; no database at all), and for P3 a raw httpx resume loop. Ratios are
+printed with the goal beside them, PASS or MISS; only correctness problems fail the run.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from bench import drive, loadgen, procstat
+from bench.env import (
+    LOOPBACK,
+    Child,
+    Tenant,
+    _wait_ready,
+    free_port,
+    make_tenant,
+    spawn,
+)
+from bench.ingest import finished_payload
+
+MIB = 1024
+RSS_LIMIT_MIB = 150
+# Flat: the last slice's peak within this much of the first's, however many requests came between.
+RSS_FLAT_MIB = 4
+
+
+@dataclass
+class Goal:
+    """One goal's verdict: measured against baseline, the ratio, and the bound it must meet."""
+
+    name: str
+    what: str
+    baseline: str
+    measured: str
+    value: float
+    bound: float
+    at_least: bool  # the value must be >= bound (else <=)
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    def line(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        verdict = "PASS" if self.passed else "MISS"
+        return (
+            f"  {self.name:<6} {self.what:<44} {self.baseline:>16} {self.measured:>16} "
+            f"{self.value:>8.2f} {sign} {self.bound:<6g} {verdict}"
+            + (f"  ({self.note})" if self.note else "")
+        )
+
+
+def header() -> str:
+    return (
+        f"  {'goal':<6} {'what':<44} {'baseline':>16} {'unblock':>16} {'value':>8} "
+        f"{'goal':<9} verdict"
+    )
+
+
+@dataclass
+class GoalOutcome:
+    goals: list[Goal] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def merge(self, other: GoalOutcome) -> None:
+        self.goals += other.goals
+        self.lines += other.lines
+        self.problems += other.problems
+
+
+async def start_bare(database_url: str) -> Child:
+    """The bare baseline server (bench/bare.py) in its own process."""
+    port = free_port()
+    process = spawn(
+        ["-m", "bench.bare", "--port", str(port)],
+        env={"UNBLOCK_BENCH_DATABASE_URL": database_url},
+    )
+    child = Child("bare", f"http://{LOOPBACK}:{port}", process)
+    await _wait_ready(child, "/healthz")
+    return child
+
+
+def port_of(child: Child) -> int:
+    return int(httpx.URL(child.url).port or 0)
+
+
+def progress_payload(run_id: str, index: int) -> dict[str, Any]:
+    """An event unblock ignores: RUN_PROGRESS, or a completed run it never saw blocked."""
+    if index % 2:
+        return {
+            "flag": "RUN_FINISHED",
+            "agent_id": f"agent-{index % 17}",
+            "run_id": run_id,
+            "status": "completed",
+            "needs_credits": False,
+            "node_status_counts": {"completed": 4},
+            "outputs": [],
+        }
+    return {
+        "flag": "RUN_PROGRESS",
+        "agent_id": f"agent-{index % 17}",
+        "run_id": run_id,
+        "status": "running",
+        "node_status_counts": {"completed": 2, "running": 1, "pending": 1},
+    }
+
+
+def _bodies(count: int, make: Callable[[str, int], dict[str, Any]]) -> list[bytes]:
+    return [json.dumps(make(str(uuid.uuid4()), i)).encode() for i in range(count)]
+
+
+def _posts(port: int, path: str, bodies: list[bytes], headers: dict[str, str]) -> list[bytes]:
+    all_headers = {"Content-Type": "application/json", **headers}
+    return [loadgen.request_bytes("POST", path, port, body, all_headers) for body in bodies]
+
+
+@dataclass
+class IngestConfig:
+    connections: int = 64
+    seconds: float = 5.0
+    slices: int = 2
+    pool: int = 30_000  # distinct requests prepared per slice (wrk cycles through them)
+    fallback: int = 2_000  # requests per slice when the Python load generator stands in
+
+
+def _pool(config: IngestConfig) -> int:
+    return config.pool if drive.tool() == "wrk" else config.fallback
+
+
+def _blocked(payload_run: str, index: int) -> dict[str, Any]:
+    return finished_payload(payload_run, f"agent-{index % 17}", message="Insufficient credits")
+
+
+async def ingest_goals(
+    database_url: str,
+    service: Child,
+    bare: Child,
+    api: httpx.AsyncClient,
+    sandbox: httpx.AsyncClient,
+    config: IngestConfig,
+) -> GoalOutcome:
+    """P1 (ingest vs one INSERT), P2 (ignored event vs no database), P5 (RSS under P1)."""
+    out = GoalOutcome()
+    tenant = await make_tenant(api, sandbox)
+    service_port, bare_port = port_of(service), port_of(bare)
+    signed = {"X-Mosaic-Signature": tenant.webhook_secret}
+    database = make_url(database_url).database or ""
+    loads = {name: drive.Load() for name in ("insert", "ingest", "ping", "ignored")}
+    ingest_cpu, ignored_cpu = procstat.Cpu(), procstat.Cpu()
+    memory: list[procstat.Usage] = []
+    pool = _pool(config)
+    # Warm both servers (imports, pools, caches) before anything is measured.
+    warm = _posts(service_port, tenant.webhook_path, _bodies(200, _blocked), signed)
+    await loadgen.run(service_port, warm, concurrency=8)
+    await loadgen.run(
+        bare_port, _posts(bare_port, "/insert", _bodies(200, _blocked), {}), concurrency=8
+    )
+    for _ in range(config.slices):
+        requests = _posts(bare_port, "/insert", _bodies(pool, _blocked), {})
+        loads["insert"].merge(
+            await drive.run(
+                bare_port, requests, connections=config.connections, seconds=config.seconds
+            )
+        )
+        requests = _posts(service_port, tenant.webhook_path, _bodies(pool, _blocked), signed)
+        with procstat.cpu(service.pid, database) as used:
+            async with procstat.watch(service.pid) as usage:
+                loads["ingest"].merge(
+                    await drive.run(
+                        service_port,
+                        requests,
+                        connections=config.connections,
+                        seconds=config.seconds,
+                    )
+                )
+        ingest_cpu.add(used)
+        memory.append(usage)
+        requests = _posts(bare_port, "/ping", _bodies(pool, progress_payload), {})
+        loads["ping"].merge(
+            await drive.run(
+                bare_port, requests, connections=config.connections, seconds=config.seconds
+            )
+        )
+        requests = _posts(
+            service_port, tenant.webhook_path, _bodies(pool, progress_payload), signed
+        )
+        with procstat.cpu(service.pid, database) as used:
+            loads["ignored"].merge(
+                await drive.run(
+                    service_port, requests, connections=config.connections, seconds=config.seconds
+                )
+            )
+        ignored_cpu.add(used)
+
+    for name, load in loads.items():
+        if load.bad:
+            out.problems.append(f"{name}: {load.bad} requests failed or were not answered 2xx")
+    out.problems += await _check_ingest(database_url, tenant, loads["ingest"], config)
+
+    p1 = loads["ingest"].rate / loads["insert"].rate if loads["insert"].rate else 0.0
+    out.goals.append(
+        Goal(
+            "P1",
+            "signed needs_credits webhook vs bare INSERT",
+            f"{loads['insert'].rate:,.0f}/s",
+            f"{loads['ingest'].rate:,.0f}/s",
+            p1,
+            0.6,
+            True,
+        )
+    )
+    out.goals.append(
+        Goal(
+            "P1",
+            f"  webhook p99 (ms) at {config.connections} connections",
+            f"{loads['insert'].p99:.1f}",
+            f"{loads['ingest'].p99:.1f}",
+            loads["ingest"].p99,
+            50,
+            False,
+        )
+    )
+    p2 = loads["ignored"].rate / loads["ping"].rate if loads["ping"].rate else 0.0
+    out.goals.append(
+        Goal(
+            "P2",
+            "ignored event vs bare no-database endpoint",
+            f"{loads['ping'].rate:,.0f}/s",
+            f"{loads['ignored'].rate:,.0f}/s",
+            p2,
+            0.8,
+            True,
+        )
+    )
+    peaks = [u.peak_kib / MIB for u in memory]
+    out.goals.append(
+        Goal(
+            "P5",
+            "service peak RSS under P1 (MiB)",
+            f"{RSS_LIMIT_MIB} MiB",
+            " / ".join(f"{p:.1f}" for p in peaks),
+            max(peaks),
+            RSS_LIMIT_MIB,
+            False,
+            memory[0].method,
+        )
+    )
+    out.goals.append(
+        Goal(
+            "P5",
+            "  RSS peak growth, first to last slice (MiB)",
+            f"{RSS_FLAT_MIB} MiB",
+            f"{loads['ingest'].requests:,} req",
+            peaks[-1] - peaks[0],
+            RSS_FLAT_MIB,
+            False,
+        )
+    )
+    per = lambda cpu, load: f"{cpu * 1000 / max(load.requests, 1):.2f} ms"  # noqa: E731
+    out.lines += [
+        f"  load generator: {drive.tool()}, {config.connections} connections, "
+        f"{config.slices} interleaved slices of {config.seconds:g} s per kind",
+        "  load generator CPU per request (ms): "
+        + ", ".join(
+            f"{n} {ld.client_cpu * 1000 / max(ld.requests, 1):.3f}" for n, ld in loads.items()
+        ),
+        f"  service CPU per webhook {per(ingest_cpu.other, loads['ingest'])}, Postgres "
+        f"{per(ingest_cpu.postgres, loads['ingest'])}; per ignored event "
+        f"{per(ignored_cpu.other, loads['ignored'])}, "
+        f"Postgres {per(ignored_cpu.postgres, loads['ignored'])}",
+        f"  latency p50/p99 (ms): bare INSERT {loads['insert'].p50:.1f}/{loads['insert'].p99:.1f}, "
+        f"webhook {loads['ingest'].p50:.1f}/{loads['ingest'].p99:.1f}, no-DB "
+        f"{loads['ping'].p50:.1f}/{loads['ping'].p99:.1f}, ignored "
+        f"{loads['ignored'].p50:.1f}/{loads['ignored'].p99:.1f}",
+    ]
+    return out
+
+
+async def _check_ingest(
+    database_url: str, tenant: Tenant, ingest: drive.Load, config: IngestConfig
+) -> list[str]:
+    """Every answered webhook opened exactly one blocked run, stored once; none lost."""
+    conn = await asyncpg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        account = uuid.UUID(tenant.account_id)
+        runs = await conn.fetchval(
+            "SELECT count(*) FROM blocked_runs WHERE account_id = $1", account
+        )
+        twice = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT run_id FROM blocked_runs WHERE account_id = $1 "
+            "GROUP BY run_id HAVING count(*) > 1) t",
+            account,
+        )
+        stored = await conn.fetchval(
+            "SELECT count(DISTINCT run_id) FROM webhook_events WHERE account_id = $1 "
+            "AND flag = 'RUN_FINISHED' AND payload->>'status' = 'failed'",
+            account,
+        )
+    finally:
+        await conn.close()
+    problems = []
+    warmup = 200
+    answered = ingest.requests + warmup
+    in_flight = config.connections * config.slices  # sent, still open when the slice ended
+    if twice:
+        problems.append(f"P1: {twice} runs opened twice")
+    if stored != runs:
+        problems.append(f"P1: {stored} distinct blocked webhooks stored, {runs} runs opened")
+    wrapped = ingest.requests > _pool(config) * config.slices
+    if not wrapped and not answered <= runs <= answered + in_flight:
+        problems.append(f"P1: {answered} webhooks answered 202 but {runs} runs opened")
+    return problems
+
+
+async def read_goals(
+    sandbox_proc: Child, sandbox: httpx.AsyncClient, large_rows: int, seconds: float
+) -> GoalOutcome:
+    """P4: list and get p50 with `large_rows` blocked runs against 1,000 (not yet built)."""
+    return GoalOutcome(problems=[])
+
+
+async def release_goal(sandbox_proc: Child, sandbox: httpx.AsyncClient, runs: int) -> GoalOutcome:
+    """P3: one decision releases `runs` blocked runs against a raw httpx resume loop."""
+    return GoalOutcome(problems=[])

@@ -18,15 +18,21 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from app.auth import mint_token
 from bench import drive, loadgen, procstat
 from bench.env import (
+    JWT_SECRET,
     LOOPBACK,
     Child,
     Tenant,
     _wait_ready,
+    bearer,
+    children,
     free_port,
+    fresh_database,
     make_tenant,
     spawn,
+    start_service,
 )
 from bench.ingest import finished_payload
 
@@ -294,9 +300,7 @@ async def _check_ingest(
     database_url: str, tenant: Tenant, ingest: drive.Load, config: IngestConfig
 ) -> list[str]:
     """Every answered webhook opened exactly one blocked run, stored once; none lost."""
-    conn = await asyncpg.connect(
-        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    conn = await asyncpg.connect(_dsn(database_url))
     try:
         account = uuid.UUID(tenant.account_id)
         runs = await conn.fetchval(
@@ -328,11 +332,119 @@ async def _check_ingest(
     return problems
 
 
+SEED_ACCOUNTS = """
+INSERT INTO accounts (id, name, mosaic_api_key_encrypted, webhook_secret_hash)
+SELECT gen_random_uuid(), 'bench reads ' || g, a.mosaic_api_key_encrypted, a.webhook_secret_hash
+FROM accounts a, generate_series(1, $2::int) g WHERE a.id = $1
+"""
+# Spread over the accounts, the tenant's first; about 1.3 % resuming with a pending resume job
+# (13k at 1M rows, as a large release in flight leaves them), 1 % waiting on a decision.
+SEED_RUNS = """
+INSERT INTO blocked_runs (id, account_id, run_id, agent_id, state, created_at, updated_at,
+                          state_changed_at)
+SELECT gen_random_uuid(), ($1::uuid[])[1 + g % cardinality($1::uuid[])], 'seed-' || g,
+       'agent-' || (g % 17),
+       CASE WHEN g % 77 = 0 THEN 'resuming' WHEN g % 101 = 0 THEN 'awaiting_choice'
+            WHEN g % 5 = 0 THEN 'cancelled' ELSE 'resumed' END,
+       t, t, t
+FROM generate_series(1, $2::int) g, LATERAL (SELECT now() - make_interval(secs => g)) AS s(t)
+"""
+SEED_JOBS = """
+INSERT INTO jobs (kind, account_id, blocked_run_id, status, run_after, give_up_at)
+SELECT 'resume', account_id, id, 'pending', now() + interval '1 day', now() + interval '2 days'
+FROM blocked_runs WHERE state = 'resuming'
+"""
+
+
+def _dsn(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _seed_reads(database_url: str, tenant: Tenant, rows: int, accounts: int) -> list[str]:
+    """`rows` blocked runs over `accounts` accounts (set-based); the tenant's run ids to get."""
+    conn = await asyncpg.connect(_dsn(database_url))
+    try:
+        account = uuid.UUID(tenant.account_id)
+        if accounts > 1:
+            await conn.execute(SEED_ACCOUNTS, account, accounts - 1)
+        ids = await conn.fetchval(
+            "SELECT array_agg(id ORDER BY id <> $1, id) FROM accounts", account
+        )
+        await conn.execute(SEED_RUNS, ids, rows)
+        await conn.execute(SEED_JOBS)
+        await conn.execute("ANALYZE")
+        picked = await conn.fetch(
+            "SELECT id FROM blocked_runs WHERE account_id = $1 ORDER BY random() LIMIT 1000",
+            account,
+        )
+    finally:
+        await conn.close()
+    return [str(row["id"]) for row in picked]
+
+
 async def read_goals(
     sandbox_proc: Child, sandbox: httpx.AsyncClient, large_rows: int, seconds: float
 ) -> GoalOutcome:
-    """P4: list and get p50 with `large_rows` blocked runs against 1,000 (not yet built)."""
-    return GoalOutcome(problems=[])
+    """P4: list and get p50 with `large_rows` blocked runs (100 accounts) against 1,000 (one)."""
+    out = GoalOutcome()
+    sides: dict[str, tuple[Child, list[bytes], list[bytes]]] = {}
+    async with children() as running:
+        for side, rows, accounts in (("1k", 1_000, 1), ("large", large_rows, 100)):
+            database_url = await fresh_database(f"reads_{side}")
+            service = await start_service(database_url, sandbox_proc.url, worker=False)
+            running.append(service)
+            async with httpx.AsyncClient(base_url=service.url, timeout=60) as api:
+                tenant = await make_tenant(api, sandbox)
+            ids = await _seed_reads(database_url, tenant, rows, accounts)
+            token = mint_token(
+                JWT_SECRET, sub="bench-reader", scopes=["runs:read"], account_id=tenant.account_id
+            )
+            port = port_of(service)
+            auth = bearer(token)
+            lists = [loadgen.request_bytes("GET", "/v1/blocked-runs", port, headers=auth)] * 2000
+            gets = [
+                loadgen.request_bytes("GET", f"/v1/blocked-runs/{i}", port, headers=auth)
+                for i in ids
+            ] * 2
+            sides[side] = (service, lists, gets)
+        loads = {(side, kind): drive.Load() for side in sides for kind in ("list", "get")}
+        for _ in range(2):
+            for kind in ("list", "get"):
+                for side, (service, lists, gets) in sides.items():
+                    requests = lists if kind == "list" else gets
+                    if drive.tool() != "wrk":
+                        requests = requests[:1000]
+                    loads[side, kind].merge(
+                        await drive.run(port_of(service), requests, connections=16, seconds=seconds)
+                    )
+    for key, load in loads.items():
+        if load.bad:
+            out.problems.append(f"P4 {key}: {load.bad} requests failed or were not answered 2xx")
+    for kind, what in (
+        ("list", "first page of GET /v1/blocked-runs"),
+        ("get", "GET /v1/blocked-runs/{id}"),
+    ):
+        small, large = loads["1k", kind], loads["large", kind]
+        out.goals.append(
+            Goal(
+                "P4",
+                f"{what} p50 (ms), {large_rows:,} vs 1,000 rows",
+                f"{small.p50:.1f} ms",
+                f"{large.p50:.1f} ms",
+                large.p50 / small.p50 if small.p50 else 0.0,
+                1.5,
+                False,
+            )
+        )
+    out.lines.append(
+        "  P4 throughput (req/s), 1k vs large: "
+        + ", ".join(
+            f"{kind} {loads['1k', kind].rate:,.0f} vs {loads['large', kind].rate:,.0f}"
+            for kind in ("list", "get")
+        )
+        + " (wrk, 16 connections)"
+    )
+    return out
 
 
 async def release_goal(sandbox_proc: Child, sandbox: httpx.AsyncClient, runs: int) -> GoalOutcome:

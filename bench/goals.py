@@ -8,8 +8,11 @@ printed with the goal beside them, PASS or MISS; only correctness problems fail 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +24,14 @@ from sqlalchemy.engine import make_url
 from app.auth import mint_token
 from bench import drive, loadgen, procstat
 from bench.env import (
+    ADMIN,
     JWT_SECRET,
     LOOPBACK,
     Child,
     Tenant,
     _wait_ready,
     bearer,
+    bench_settings,
     children,
     free_port,
     fresh_database,
@@ -447,6 +452,194 @@ async def read_goals(
     return out
 
 
+RELEASE_TIMEOUT = 900.0
+POLL = 0.25  # the release is watched through the database; no event reaches this process
+
+
+async def _sandbox_runs(sandbox: httpx.AsyncClient, organization_id: str, count: int) -> list[str]:
+    """`count` runs of a one-node organization with no credits: each fails for credits."""
+    semaphore = asyncio.Semaphore(16)
+
+    async def start(i: int) -> str:
+        async with semaphore:
+            body = {"organization_id": organization_id, "agent_id": f"agent-{i % 17}"}
+            answer = await sandbox.post("/_sandbox/runs", json=body)
+            return str(answer.raise_for_status().json()["run_id"])
+
+    run_ids = await asyncio.gather(*(start(i) for i in range(count)))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # every run fails within a few step delays
+        last = (await sandbox.get(f"/_sandbox/runs/{run_ids[-1]}")).json()
+        if last["status"] == "failed":
+            return list(run_ids)
+        await asyncio.sleep(POLL)
+    raise RuntimeError("the sandbox's runs did not fail for credits in time")
+
+
+async def _org(sandbox: httpx.AsyncClient, secret: str | None = None) -> dict[str, str]:
+    spec: dict[str, Any] = {"plan_id": None, "balance": 0, "checkout": False, "nodes_per_run": 1}
+    if secret:
+        spec["webhook_secret"] = secret
+    return dict((await sandbox.post("/_sandbox/orgs", json=spec)).raise_for_status().json())
+
+
+async def _resumes(sandbox: httpx.AsyncClient, api_key: str) -> Counter[str]:
+    calls = await sandbox.get(
+        "/_sandbox/calls",
+        params={"api_key": api_key, "method": "POST", "path": "/agent_run/*/resume"},
+    )
+    return Counter(call["path"].split("/")[2] for call in calls.raise_for_status().json())
+
+
+async def _raw_resume_loop(
+    sandbox: httpx.AsyncClient, runs: int, concurrency: int
+) -> tuple[float, list[str]]:
+    """The baseline: `runs` resume calls to the sandbox from a bare httpx loop."""
+    org = await _org(sandbox)
+    run_ids = await _sandbox_runs(sandbox, org["organization_id"], runs)
+    queue = list(reversed(run_ids))
+    statuses: Counter[int] = Counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {org['api_key']}"}
+    async with httpx.AsyncClient(base_url=str(sandbox.base_url), limits=limits) as client:
+
+        async def loop() -> None:
+            while queue:
+                run_id = queue.pop()
+                answer = await client.post(f"/agent_run/{run_id}/resume", headers=headers)
+                statuses[answer.status_code] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    problems = [] if statuses == Counter({200: runs}) else [f"P3 baseline: statuses {statuses}"]
+    seen = await _resumes(sandbox, org["api_key"])
+    if sorted(seen) != sorted(run_ids) or set(seen.values()) != {1}:
+        problems.append("P3 baseline: not every run resumed exactly once")
+    return seconds, problems
+
+
 async def release_goal(sandbox_proc: Child, sandbox: httpx.AsyncClient, runs: int) -> GoalOutcome:
-    """P3: one decision releases `runs` blocked runs against a raw httpx resume loop."""
-    return GoalOutcome(problems=[])
+    """P3: one decision releases `runs` blocked runs against a raw httpx resume loop.
+
+    One needs_credits webhook makes the organization's plan a question (the real check_plan
+    step); the other runs join it set-based in SQL, in `awaiting_choice`, each a failed run
+    in the sandbox. Then choose-plan and the top-up answer, and the clock runs until every run
+    is `resumed`; the sandbox's call log must show one resume per run.
+    """
+    out = GoalOutcome()
+    concurrency = bench_settings(0, sandbox_proc.url).worker_concurrency
+    baseline, problems = await _raw_resume_loop(sandbox, runs, concurrency)
+    out.problems += problems
+    database_url = await fresh_database("release")
+    async with children() as running:
+        service = await start_service(database_url, sandbox_proc.url, worker=True)
+        running.append(service)
+        async with httpx.AsyncClient(base_url=service.url, timeout=120) as api:
+            secret = "whsec_" + uuid.uuid4().hex
+            org = await _org(sandbox, secret)
+            body = {"name": "Bench Org", "mosaic_api_key": org["api_key"], "webhook_secret": secret}
+            account = (await api.post("/v1/accounts", headers=ADMIN, json=body)).raise_for_status()
+            account_id, path = account.json()["id"], httpx.URL(account.json()["webhook_url"]).path
+            run_ids = await _sandbox_runs(sandbox, org["organization_id"], runs)
+            first = json.dumps(_blocked(run_ids[0], 0)).encode()
+            headers = {"X-Mosaic-Signature": secret, "Content-Type": "application/json"}
+            (await api.post(path, content=first, headers=headers)).raise_for_status()
+            token = mint_token(
+                JWT_SECRET,
+                sub="bench-person",
+                scopes=["runs:read", "runs:write"],
+                account_id=account_id,
+            )
+            person = bearer(token)
+            await _decision_in(api, person, "awaiting_choice")
+            seeded = await _join_runs(database_url, account_id, run_ids[1:])
+            started = time.perf_counter()
+            cpu_before = procstat.cpu_seconds(service.pid)
+            answer = await api.post(
+                "/v1/organization/choose-plan", headers=person, json={"plan_id": "creator"}
+            )
+            answer.raise_for_status()
+            await _decision_in(api, person, "topup_prompt")
+            asked = time.perf_counter() - started
+            topup_started = time.perf_counter()
+            answer = await api.post(
+                "/v1/organization/topup", headers=person, json={"enable": False}
+            )
+            answer.raise_for_status()
+            topup_open = time.perf_counter() - topup_started
+            resumed = await _all_resumed(database_url, account_id, runs, started)
+            seconds = time.perf_counter() - started
+            service_cpu = procstat.cpu_seconds(service.pid) - cpu_before
+        seen = await _resumes(sandbox, org["api_key"])
+    if resumed != runs:
+        out.problems.append(f"P3: {resumed} of {runs} runs resumed within {RELEASE_TIMEOUT:g}s")
+    if sorted(seen) != sorted(run_ids) or set(seen.values()) != {1}:
+        twice = sum(1 for n in seen.values() if n > 1)
+        out.problems.append(
+            f"P3: {len(seen)} of {runs} runs resumed in the sandbox, {twice} more than once"
+        )
+    out.goals.append(
+        Goal(
+            "P3",
+            f"one decision releases {runs:,} runs vs raw httpx",
+            f"{baseline:.1f} s",
+            f"{seconds:.1f} s",
+            seconds / baseline if baseline else 0.0,
+            1.5,
+            False,
+        )
+    )
+    out.lines.append(
+        f"  P3: {seeded + 1:,} runs waiting; concurrency {concurrency} (worker_concurrency); "
+        f"choose-plan to topup_prompt {asked:.1f} s, the top-up answer's request open "
+        f"{topup_open:.1f} s; {runs / seconds:,.0f} resumes/s against {runs / baseline:,.0f}/s; "
+        f"serve process CPU {service_cpu:.1f} s in {seconds:.1f} s"
+    )
+    return out
+
+
+async def _decision_in(api: httpx.AsyncClient, person: dict[str, str], state: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = (await api.get("/v1/organization", headers=person)).raise_for_status().json()
+        if body["state"] == state and not body["pending"]:
+            return
+        await asyncio.sleep(POLL)
+    raise RuntimeError(f"the decision did not reach {state}: {body}")
+
+
+JOIN_RUNS = """
+INSERT INTO blocked_runs (id, account_id, run_id, agent_id, state, plan, plans)
+SELECT gen_random_uuid(), d.account_id, r.run_id, 'agent-0', 'awaiting_choice', d.plan, d.plans
+FROM organization_decisions d, unnest($2::text[]) AS r(run_id)
+WHERE d.account_id = $1
+"""
+
+
+async def _join_runs(database_url: str, account_id: str, run_ids: list[str]) -> int:
+    """The rest of the organization's runs, waiting on its decision (set-based)."""
+    conn = await asyncpg.connect(_dsn(database_url))
+    try:
+        status = await conn.execute(JOIN_RUNS, uuid.UUID(account_id), run_ids)
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    return int(status.split()[-1])
+
+
+async def _all_resumed(database_url: str, account_id: str, runs: int, started: float) -> int:
+    conn = await asyncpg.connect(_dsn(database_url))
+    resumed = 0
+    try:
+        while time.perf_counter() - started < RELEASE_TIMEOUT:
+            resumed = await conn.fetchval(
+                "SELECT count(*) FROM blocked_runs WHERE account_id = $1 AND state = 'resumed'",
+                uuid.UUID(account_id),
+            )
+            if resumed >= runs:
+                break
+            await asyncio.sleep(POLL)
+    finally:
+        await conn.close()
+    return int(resumed)

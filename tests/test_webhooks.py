@@ -197,6 +197,23 @@ async def test_progress_events_are_counted_not_stored_and_acted_on_copies_still_
         assert list(stored) == ["RUN_FINISHED"]
 
 
+async def test_news_of_a_run_with_no_open_episode_is_counted_not_stored(
+    client: httpx.AsyncClient, tenant: Tenant, service: Service
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    news = [
+        {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"},
+        {"flag": "RUN_FINISHED", "run_id": run_id, "status": "completed", "needs_credits": False},
+    ]
+    for event in news:
+        assert (await deliver(client, tenant, event)).json()["status"] == "ignored"
+    async with service.runtime.db.sessions() as session:
+        stored = await session.scalar(
+            text("SELECT count(*) FROM webhook_events WHERE run_id = :r"), {"r": run_id}
+        )
+    assert stored == 0
+
+
 async def _webhooks_counted(client: httpx.AsyncClient, outcome: str) -> float:
     metrics = (await client.get("/metrics")).text
     prefix = f'unblock_webhooks_total{{outcome="{outcome}"}} '

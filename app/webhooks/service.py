@@ -106,6 +106,16 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
         # counted, not stored, so the most common event costs no database write.
         metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
         return Outcome.IGNORED
+    if _runs_again(payload):
+        # News that a run runs (again) matters only to an open episode; without one it is
+        # ignored, so it is counted, not stored (a later copy, once an episode is open, is a
+        # hint that Mosaic is asked about, as any new one would be).
+        async with rt.db.sessions() as session:
+            if not await repository.has_episode_awaiting_news(
+                session, account_id, payload["run_id"]
+            ):
+                metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+                return Outcome.IGNORED
     async with rt.db.transaction() as session:
         run_id = payload["run_id"]
         generation = await repository.resume_generation(session, account_id, run_id)
@@ -132,6 +142,15 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
             )
     metrics.WEBHOOKS.labels(outcome.value).inc()
     return outcome
+
+
+def _runs_again(payload: dict[str, Any]) -> bool:
+    """RUN_STARTED, or a completed RUN_FINISHED: what `_act` weighs only against an open episode."""
+    flag = payload["flag"].upper()
+    status = (payload.get("status") or "").lower()
+    if flag == "RUN_STARTED":
+        return True
+    return flag == "RUN_FINISHED" and status == "completed" and not needs_credits(payload)
 
 
 async def replay(rt: Runtime, event_id: int, actor: str) -> Outcome:

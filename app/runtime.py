@@ -37,6 +37,10 @@ class Runtime:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # Decrypted Mosaic keys for a short while: every step needs one, and keys rarely change.
     _keys: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
+    # Webhook secret hashes, so a signature check needs no database read per delivery. A hash
+    # is set when its account is made and nothing changes or deletes it; the expiry bounds how
+    # long a change made behind the service's back (SQL) could go unseen.
+    _secret_hashes: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:
@@ -75,6 +79,27 @@ class Runtime:
             self._keys.clear()
         self._keys[account_id] = (now + KEY_CACHE_SECONDS, key)
         return key
+
+    async def webhook_secret_hash(self, account_id: uuid.UUID) -> str | None:
+        """The account's stored webhook secret hash (None: no such account), briefly cached."""
+        now = time.monotonic()
+        cached = self._secret_hashes.get(account_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self.db.sessions() as session:
+            secret_hash = await session.scalar(
+                select(Account.webhook_secret_hash).where(Account.id == account_id)
+            )
+        # Unknown accounts are not remembered: one made a moment later must be found at once.
+        if secret_hash is not None:
+            if len(self._secret_hashes) >= KEY_CACHE_SIZE:
+                self._secret_hashes.clear()
+            self._secret_hashes[account_id] = (now + KEY_CACHE_SECONDS, secret_hash)
+        return secret_hash
+
+    def forget_webhook_secret(self, account_id: uuid.UUID) -> None:
+        """Drop a cached secret hash (call after changing or deleting it)."""
+        self._secret_hashes.pop(account_id, None)
 
     async def close(self) -> None:
         if self.background:

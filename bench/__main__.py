@@ -16,9 +16,10 @@ import time
 
 import httpx
 
-from bench import ingest, workers
+from bench import goals, ingest, workers
 from bench.env import (
     LOOPBACK,
+    Child,
     bench_settings,
     check_loopback,
     children,
@@ -28,6 +29,17 @@ from bench.env import (
     start_sandbox,
     start_service,
 )
+
+GOALS = ["p1", "p2", "p3", "p4", "p5", "steps"]
+
+
+def wants(args: argparse.Namespace, *names: str) -> bool:
+    """Whether this run includes any of the named benchmarks or goals."""
+    if args.only is None:
+        return True
+    if args.only == "goals":
+        return any(name in GOALS for name in names)
+    return args.only in names
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,12 +52,26 @@ def parse_args() -> argparse.Namespace:
         "--no-processes", action="store_true", help="skip the round with worker processes"
     )
     parser.add_argument(
-        "--only", choices=["ingest", "workers"], help="run one benchmark (ingest includes memory)"
+        "--only",
+        choices=["ingest", "workers", "goals", *GOALS],
+        help="run one benchmark (ingest includes memory); goals: every goal; p1, p2 and p5 "
+        "share one round",
+    )
+    parser.add_argument("--goal-seconds", type=float, default=5.0, help="per goal slice (5)")
+    parser.add_argument(
+        "--release-runs", type=int, default=10_000, help="P3: runs one decision releases (10000)"
+    )
+    parser.add_argument(
+        "--large-rows", type=int, default=1_000_000, help="P4: blocked runs in the large database"
     )
     args = parser.parse_args()
-    for name in ("webhooks", "concurrency", "jobs", "workers"):
+    for name in ("webhooks", "concurrency", "jobs", "workers", "release_runs"):
         if not 1 <= getattr(args, name) <= 100_000:
             parser.error(f"--{name} must be between 1 and 100000")
+    if not 1_000 <= args.large_rows <= 10_000_000:
+        parser.error("--large-rows must be between 1000 and 10000000")
+    if not 1 <= args.goal_seconds <= 120:
+        parser.error("--goal-seconds must be between 1 and 120")
     return args
 
 
@@ -79,7 +105,7 @@ async def _run(args: argparse.Namespace, started: float) -> int:
             httpx.AsyncClient(base_url=sandbox_proc.url, timeout=30) as sandbox,
         ):
             memory_text = ""
-            if args.only in (None, "ingest"):
+            if wants(args, "ingest"):
                 outcome = await ingest.run(
                     database_url,
                     service_proc,
@@ -90,7 +116,8 @@ async def _run(args: argparse.Namespace, started: float) -> int:
                 ok &= outcome.ok
                 memory_text = outcome.memory_text
                 print(outcome.text + "\n", flush=True)
-            if args.only in (None, "workers"):
+            step_cpu = None
+            if wants(args, "workers", "steps"):
                 result = await workers.run(
                     bench_settings(free_port(), sandbox_proc.url),
                     await fresh_database("workers"),
@@ -101,15 +128,78 @@ async def _run(args: argparse.Namespace, started: float) -> int:
                     ),
                 )
                 ok &= result.ok
+                step_cpu = result.baseline.worker_cpu / max(result.baseline.jobs, 1)
                 print(result.text + "\n", flush=True)
             if memory_text:  # measured during benchmark 1, numbered and shown last
                 print(memory_text + "\n", flush=True)
+            if wants(args, *GOALS):
+                ok &= await _goals(
+                    args, database_url, running, sandbox_proc, service_proc, step_cpu
+                )
 
     print(
         f"total {time.perf_counter() - started:.1f}s; checks "
         + ("passed" if ok else "FAILED (see problems above)")
     )
     return 0 if ok else 1
+
+
+async def _goals(
+    args: argparse.Namespace,
+    database_url: str,
+    running: list[Child],
+    sandbox_proc: Child,
+    service_proc: Child,
+    step_cpu: float | None,
+) -> bool:
+    """The goals of issue 13's kind: each ratio with its bound, PASS or MISS."""
+    outcome = goals.GoalOutcome()
+    load = os.getloadavg()
+    async with (
+        httpx.AsyncClient(base_url=service_proc.url, timeout=60) as api,
+        httpx.AsyncClient(base_url=sandbox_proc.url, timeout=60) as sandbox,
+    ):
+        if wants(args, "p1", "p2", "p5"):
+            bare = await goals.start_bare(database_url)
+            running.append(bare)
+            config = goals.IngestConfig(seconds=args.goal_seconds)
+            outcome.merge(
+                await goals.ingest_goals(database_url, service_proc, bare, api, sandbox, config)
+            )
+            bare.stop()
+        if wants(args, "p4"):
+            outcome.merge(
+                await goals.read_goals(sandbox_proc, sandbox, args.large_rows, args.goal_seconds)
+            )
+        if wants(args, "p3"):
+            outcome.merge(await goals.release_goal(sandbox_proc, sandbox, args.release_runs))
+    if step_cpu is not None:
+        outcome.goals.append(
+            goals.Goal(
+                "steps",
+                "worker CPU per check_plan step (ms)",
+                "1.5 ms",
+                f"{step_cpu * 1000:.2f} ms",
+                step_cpu * 1000,
+                1.5,
+                False,
+            )
+        )
+    after = os.getloadavg()
+    print(
+        f"Goals (ratios against same-run baselines; load average {load[0]:.2f} before, "
+        f"{after[0]:.2f} after, {os.cpu_count()} CPUs)"
+    )
+    print(goals.header())
+    for goal in outcome.goals:
+        print(goal.line())
+    for line in outcome.lines:
+        print(line)
+    for problem in outcome.problems:
+        print(f"  problem: {problem}")
+    missed = [g.name for g in outcome.goals if not g.passed]
+    print(f"  {len(outcome.goals) - len(missed)} PASS, {len(missed)} MISS\n", flush=True)
+    return not outcome.problems
 
 
 if __name__ == "__main__":

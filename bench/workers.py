@@ -331,6 +331,7 @@ class WorkerOutcome:
     ok: bool
     text: str
     problems: list[str]
+    baseline: Round  # one Worker in this process: what the step goal is measured on
 
 
 async def run(
@@ -389,4 +390,4 @@ async def run(
         "per job, every run in awaiting_choice: " + ("OK" if not problems else "FAILED")
     )
     lines = [text, verdict, *(f"  problem: {p}" for p in problems)]
-    return WorkerOutcome(ok=not problems, text="\n".join(lines), problems=problems)
+    return WorkerOutcome(ok=not problems, text="\n".join(lines), problems=problems, baseline=base)

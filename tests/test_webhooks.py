@@ -15,6 +15,7 @@ from app.worker import execute
 from conftest import (
     Service,
     Tenant,
+    assert_problem,
     bearer,
     blocked_run_for,
     deliver,
@@ -172,6 +173,61 @@ async def test_progress_completed_and_unknown_events_open_nothing(
         assert answer.json()["status"] == "ignored", event
     listed = await client.get("/v1/blocked-runs", params={"run_id": run_id}, headers=tenant.headers)
     assert listed.json()["items"] == []
+
+
+async def test_progress_events_are_counted_not_stored_and_acted_on_copies_still_deduplicated(
+    client: httpx.AsyncClient, tenant: Tenant, service: Service
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    ignored_before = await _webhooks_counted(client, "ignored")
+    progress = {"flag": "RUN_PROGRESS", "run_id": run_id, "status": "running"}
+    for _ in range(3):
+        answer = await deliver(client, tenant, progress)
+        assert answer.json()["status"] == "ignored"
+    assert await _webhooks_counted(client, "ignored") == ignored_before + 3
+    first = await deliver(client, tenant, finished_event(run_id))
+    again = await deliver(client, tenant, finished_event(run_id))
+    assert (first.json()["status"], again.json()["status"]) == ("accepted", "duplicate")
+    async with service.runtime.db.sessions() as session:
+        stored = (
+            await session.execute(
+                text("SELECT flag FROM webhook_events WHERE run_id = :r"), {"r": run_id}
+            )
+        ).scalars()
+        assert list(stored) == ["RUN_FINISHED"]
+
+
+async def test_news_of_a_run_with_no_open_episode_is_counted_not_stored(
+    client: httpx.AsyncClient, tenant: Tenant, service: Service
+) -> None:
+    run_id = f"run-{uuid.uuid4()}"
+    news = [
+        {"flag": "RUN_STARTED", "run_id": run_id, "status": "running"},
+        {"flag": "RUN_FINISHED", "run_id": run_id, "status": "completed", "needs_credits": False},
+    ]
+    for event in news:
+        assert (await deliver(client, tenant, event)).json()["status"] == "ignored"
+    async with service.runtime.db.sessions() as session:
+        stored = await session.scalar(
+            text("SELECT count(*) FROM webhook_events WHERE run_id = :r"), {"r": run_id}
+        )
+    assert stored == 0
+
+
+async def _webhooks_counted(client: httpx.AsyncClient, outcome: str) -> float:
+    metrics = (await client.get("/metrics")).text
+    prefix = f'unblock_webhooks_total{{outcome="{outcome}"}} '
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+async def test_a_wrong_signature_is_refused_after_the_secret_hash_is_cached(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    event = {"flag": "RUN_PROGRESS", "run_id": f"run-{uuid.uuid4()}", "status": "running"}
+    assert (await deliver(client, tenant, event)).status_code == 202  # now cached
+    answer = await deliver(client, tenant, event, signature="whsec_wrong")
+    assert_problem(answer, 401, "bad_signature")
 
 
 async def test_run_started_is_verified_and_closes_an_episode_mosaic_shows_running_again(

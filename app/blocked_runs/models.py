@@ -84,6 +84,12 @@ class Job(Base):
             unique=True,
             postgresql_where=text("kind = 'deliver_notifications' AND status = 'pending'"),
         ),
+        # What a run waiting on its organization's decision waits for (`BlockedRun.pending`).
+        Index(
+            "ix_jobs_awaited",
+            "account_id",
+            postgresql_where=text(f"status = 'pending' AND kind IN {AWAITED_KINDS_SQL}"),
+        ),
         # Claims take due jobs in (run_after, id) order.
         Index("ix_jobs_due", "run_after", "id", postgresql_where=text("status = 'pending'")),
     )
@@ -144,20 +150,26 @@ class BlockedRun(Base):
 
     # Derived, never stored: a system step is under way while a job for this run is pending,
     # or, while the run waits on its organization's decision, while the decision has a step
-    # under way or is still releasing its runs.
+    # under way or is still releasing its runs. OFFSET 0 keeps PostgreSQL from turning each
+    # EXISTS into a hashed subplan over every pending job of every account (13k rows while a
+    # large release is under way, for a 50-row page); it probes the partial indexes per row.
     pending: Mapped[bool] = column_property(
         or_(
             exists(
-                select(Job.id).where(and_(Job.blocked_run_id == id, Job.status == "pending"))
+                select(Job.id)
+                .where(and_(Job.blocked_run_id == id, Job.status == "pending"))
+                .offset(0)
             ).correlate_except(Job),
             and_(
                 text(f"blocked_runs.state IN {DECIDING_STATES_SQL}"),
                 exists(
-                    select(Job.id).where(
+                    select(Job.id)
+                    .where(
                         Job.account_id == account_id,
                         Job.status == "pending",
                         text(f"jobs.kind IN {AWAITED_KINDS_SQL}"),
                     )
+                    .offset(0)
                 ).correlate_except(Job),
             ),
         )

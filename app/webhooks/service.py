@@ -12,12 +12,11 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
-from app.accounts.models import Account
 from app.accounts.secrets import webhook_secret_matches
 from app.blocked_runs import repository
 from app.blocked_runs.service import open_blocked_run
@@ -42,6 +41,9 @@ class MalformedWebhook(DomainError):
     status = 422
     code = "malformed_webhook"
 
+
+# The only flags `_act` can act on; every other event is answered `ignored` without storing it.
+ACTED_ON_FLAGS = frozenset({"RUN_FINISHED", "RUN_STARTED"})
 
 # Longest values the inbox and blocked runs store; longer ones are refused, not cut.
 FIELD_LIMITS = {"flag": 64, "run_id": 200, "agent_id": 200, "status": 64}
@@ -92,16 +94,29 @@ def dedup_key(payload: dict[str, Any], generation: int) -> str:
 
 async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw: bytes) -> Outcome:
     """Verify, store durably and deduplicated, act; the answer is sent only after commit."""
+    secret_hash = await rt.webhook_secret_hash(account_id)
+    if secret_hash is None:
+        raise NotFound("No such account.", code="account_not_found")
+    if not webhook_secret_matches(signature, secret_hash):
+        metrics.WEBHOOKS.labels("unauthorized").inc()
+        raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
+    payload = parse_event(raw)
+    if payload["flag"].upper() not in ACTED_ON_FLAGS:
+        # Never acted on, whatever the run's state (RUN_PROGRESS, TEST, flags Mosaic adds):
+        # counted, not stored, so the most common event costs no database write.
+        metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+        return Outcome.IGNORED
+    if _runs_again(payload):
+        # News that a run runs (again) matters only to an open episode; without one it is
+        # ignored, so it is counted, not stored (a later copy, once an episode is open, is a
+        # hint that Mosaic is asked about, as any new one would be).
+        async with rt.db.sessions() as session:
+            if not await repository.has_episode_awaiting_news(
+                session, account_id, payload["run_id"]
+            ):
+                metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+                return Outcome.IGNORED
     async with rt.db.transaction() as session:
-        secret_hash = await session.scalar(
-            select(Account.webhook_secret_hash).where(Account.id == account_id)
-        )
-        if secret_hash is None:
-            raise NotFound("No such account.", code="account_not_found")
-        if not webhook_secret_matches(signature, secret_hash):
-            metrics.WEBHOOKS.labels("unauthorized").inc()
-            raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
-        payload = parse_event(raw)
         run_id = payload["run_id"]
         generation = await repository.resume_generation(session, account_id, run_id)
         event_id = await session.scalar(
@@ -127,6 +142,15 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
             )
     metrics.WEBHOOKS.labels(outcome.value).inc()
     return outcome
+
+
+def _runs_again(payload: dict[str, Any]) -> bool:
+    """RUN_STARTED, or a completed RUN_FINISHED: what `_act` weighs only against an open episode."""
+    flag = payload["flag"].upper()
+    status = (payload.get("status") or "").lower()
+    if flag == "RUN_STARTED":
+        return True
+    return flag == "RUN_FINISHED" and status == "completed" and not needs_credits(payload)
 
 
 async def replay(rt: Runtime, event_id: int, actor: str) -> Outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -129,6 +131,26 @@ class Database:
             **engine_kwargs,
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # A plain asyncpg pool for the few hot statements that are one round trip each (webhook
+        # ingest): an ORM session costs a pre-ping, a unit of work and a rollback on return,
+        # several times the statement itself. No connection is opened until one is needed, so
+        # processes that never ingest (workers, commands) never hold one.
+        self._driver_pool: asyncpg.Pool | None = None
+        self._driver_size = pool_size
+        self._driver_ready = asyncio.Lock()
+
+    async def driver_pool(self) -> asyncpg.Pool:
+        """The asyncpg pool, opened on first use."""
+        if self._driver_pool is None:
+            async with self._driver_ready:
+                if self._driver_pool is None:
+                    self._driver_pool = await asyncpg.create_pool(
+                        plain_postgres_url(self.url),
+                        min_size=0,
+                        max_size=self._driver_size,
+                        reset=_reset_if_needed,
+                    )
+        return self._driver_pool
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -137,4 +159,14 @@ class Database:
             yield session
 
     async def dispose(self) -> None:
+        if self._driver_pool is not None:
+            await self._driver_pool.close()
         await self.engine.dispose()
+
+
+async def _reset_if_needed(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset runs a query (UNLISTEN, RESET ALL, …) on every release. The hot
+    # statements run outside transactions and set no session state, so only a connection left
+    # inside a transaction (a statement cancelled half-way) needs one.
+    if conn.is_in_transaction():
+        await conn.reset()

@@ -110,7 +110,8 @@ class Runtime:
         await self.db.dispose()
 
 
-def runtime(request: Request) -> Runtime:
-    """FastAPI dependency: the process's runtime, made in lifespan."""
+async def runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the process's runtime, made in lifespan (async: a plain `def`
+    dependency would cost every request a hop through the thread pool)."""
     rt: Runtime = request.app.state.runtime
     return rt

@@ -28,6 +28,7 @@ from app.blocked_runs.state_machine import (
     IllegalTransition,
     State,
     release,
+    target_of,
 )
 from app.blocked_runs.state_machine import (
     transition as run_transition,
@@ -58,6 +59,28 @@ _JOIN_EVENT = {
     DecisionState.TOPUP_PROMPT: Event.PLAN_PAID,
     DecisionState.DECIDED: Event.ORG_TOPUP_ANSWERED,
 }
+
+
+def _join_reason(state: DecisionState) -> str:
+    return f"the organization's decision is {state.value}"
+
+
+@dataclass(frozen=True)
+class JoinMove:
+    decision_state: DecisionState
+    event: Event
+    run_state: State
+    reason: str
+
+
+def join_moves() -> list[JoinMove]:
+    """How a new run joins a decision that waits on a person: what `join` does, as data for the
+    webhook path that opens and joins a run in one statement (`app.webhooks.ingest`)."""
+    return [
+        JoinMove(state, event, target_of(State.CHECKING_PLAN, event), _join_reason(state))
+        for state, event in _JOIN_EVENT.items()
+        if state is not DecisionState.DECIDED
+    ]
 
 
 @dataclass
@@ -171,7 +194,7 @@ async def join(rt: Runtime, session: AsyncSession, decision: Decision, run: Bloc
         run,
         event,
         actor=SYSTEM,
-        reason=f"the organization's decision is {state.value}",
+        reason=_join_reason(state),
         plan=decision.plan,
         topup=decision.topup,
         chosen_plan_id=decision.chosen_plan_id,

@@ -24,6 +24,7 @@ from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, transiti
 from app.errors import DomainError, NotFound, Unauthorized
 from app.mosaic import needs_credits
 from app.runtime import Runtime
+from app.webhooks import ingest
 from app.webhooks.event_shape import finite_float, shape_problem
 from app.webhooks.models import WebhookEvent
 from app.work_queue import ClaimedJob, NotYet, begin_recording, enqueue_verification, finish
@@ -101,7 +102,8 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
         metrics.WEBHOOKS.labels("unauthorized").inc()
         raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
     payload = parse_event(raw)
-    if payload["flag"].upper() not in ACTED_ON_FLAGS:
+    flag = payload["flag"].upper()
+    if flag not in ACTED_ON_FLAGS:
         # Never acted on, whatever the run's state (RUN_PROGRESS, TEST, flags Mosaic adds):
         # counted, not stored, so the most common event costs no database write.
         metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
@@ -110,12 +112,28 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
         # News that a run runs (again) matters only to an open episode; without one it is
         # ignored, so it is counted, not stored (a later copy, once an episode is open, is a
         # hint that Mosaic is asked about, as any new one would be).
-        async with rt.db.sessions() as session:
-            if not await repository.has_episode_awaiting_news(
-                session, account_id, payload["run_id"]
-            ):
-                metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
-                return Outcome.IGNORED
+        if not await ingest.has_episode_awaiting_news(rt.db, account_id, payload["run_id"]):
+            metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+            return Outcome.IGNORED
+    elif flag == "RUN_FINISHED" and needs_credits(payload):
+        # The common block, a run never reported before, in one statement (`ingest`); the
+        # generation is 0 there, as no episode of the run exists.
+        opened = await ingest.open_first_block(
+            rt.db,
+            account_id=account_id,
+            run_id=payload["run_id"],
+            agent_id=payload.get("agent_id"),
+            flag=payload["flag"],
+            dedup_key=dedup_key(payload, 0),
+            raw_body=raw.decode(),
+            actor=MOSAIC,
+            reason=f"{flag} with the flag",
+            give_up_seconds=rt.settings.give_up_after.total_seconds(),
+        )
+        if opened is not None:
+            outcome = Outcome.ACCEPTED if opened else Outcome.DUPLICATE
+            metrics.WEBHOOKS.labels(outcome.value).inc()
+            return outcome
     async with rt.db.transaction() as session:
         run_id = payload["run_id"]
         generation = await repository.resume_generation(session, account_id, run_id)

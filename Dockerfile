@@ -9,6 +9,7 @@
 #
 # The builder makes the project's wheel and installs it (with its Alembic scripts, which live in
 # the app package) into a virtualenv; the final stage holds that virtualenv and no source tree.
+# The Mosaic sandbox (sandbox/, its own distribution, for development) is not in the context.
 
 # Both stages must use the same interpreter: the venv built in the first one is copied as is.
 ARG PYTHON_IMAGE=python:3.11-slim

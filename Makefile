@@ -7,10 +7,12 @@ export UNBLOCK_TEST_DATABASE_URL ?=
 
 .PHONY: install dev test lint fmt typecheck check bench chaos openapi clients screenshots clean
 
-$(BIN)/unblock: pyproject.toml
+# The service with its dev tools, and the Mosaic sandbox (a distribution of its own, in sandbox/,
+# that `pip install unblock` never brings); both editable. Redone when either pyproject changes.
+$(BIN)/unblock: pyproject.toml sandbox/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e ./sandbox -e '.[dev]'
 	@touch $@
 
 install: $(BIN)/unblock

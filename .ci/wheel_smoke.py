@@ -1,13 +1,16 @@
 """Wheel smoke test: run by .ci/run with the python of a fresh venv that has only the built
-wheel installed, from a directory outside the checkout.
+unblock wheel installed, from a directory outside the checkout.
 
-`unblock migrate`, then `unblock sandbox` and `unblock serve`; an account; one signed
+The wheel holds the service and not the Mosaic sandbox: `unblock sandbox` and `unblock dev` say
+in one line what to install. The sandbox's own wheel, alone in a second venv (SANDBOX_PYTHON),
+serves the Mosaic double. Then `unblock migrate` and `unblock serve`; an account; one signed
 RUN_FINISHED webhook; the run must show up blocked, waiting for a plan choice. Standard library
 only (plus what the wheel brings), so nothing from the checkout can leak in.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +57,50 @@ def until(what: str, probe: Any, timeout: float = 60) -> Any:
     raise SystemExit(f"wheel smoke: timed out waiting for {what}")
 
 
+def without_the_sandbox() -> None:
+    """The unblock wheel has no sandbox in it, and its commands that need one say so."""
+    wheel = zipfile.ZipFile(os.environ["UNBLOCK_WHEEL"])
+    names = wheel.namelist()
+    assert "app/py.typed" in names, "unblock wheel: app/py.typed missing"
+    leaked = [n for n in names if n.startswith("mosaic_sandbox")]
+    assert not leaked, f"the sandbox is in the unblock wheel: {leaked[:3]}"
+    assert importlib.util.find_spec("mosaic_sandbox") is None, "mosaic_sandbox importable"
+
+    helped = subprocess.run([UNBLOCK, "sandbox", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0, helped.stderr
+    assert "pip install ./sandbox" in " ".join(helped.stdout.split()), helped.stdout
+    for command in (["sandbox"], ["dev", "--port", str(free_port())]):
+        done = subprocess.run([UNBLOCK, *command], capture_output=True, text=True, timeout=60)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (command, done.returncode, done.stderr)
+        assert len(lines) == 1, (command, done.stderr)
+        assert lines[0].startswith("unblock: the Mosaic sandbox"), lines[0]
+        assert "pip install ./sandbox" in lines[0], lines[0]
+        print(f"unblock {command[0]} without the sandbox: {lines[0]}")
+
+
+def sandbox_alone(sandbox_python: str) -> None:
+    """The sandbox's own wheel, alone in its venv: it runs, and brings nothing of unblock."""
+    helped = subprocess.run(
+        [sandbox_python, "-m", "mosaic_sandbox", "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "--step-delay" in helped.stdout, helped.stdout
+    probe = "import importlib.util as u, mosaic_sandbox as m, pathlib as p; "
+    probe += "assert u.find_spec('app') is None, 'unblock came with the sandbox'; "
+    probe += "assert (p.Path(m.__file__).parent / 'py.typed').is_file(), 'py.typed missing'; "
+    probe += "print(m.__file__)"
+    where = subprocess.run([sandbox_python, "-c", probe], capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr
+    checkout = Path(os.environ["UNBLOCK_CHECKOUT"]).resolve()
+    assert checkout not in Path(where.stdout.strip()).parents, where.stdout
+
+
 def main() -> None:
+    without_the_sandbox()
+    sandbox_python = os.environ["SANDBOX_PYTHON"]
+    sandbox_alone(sandbox_python)
+
     checkout = Path(os.environ["UNBLOCK_CHECKOUT"]).resolve()
     where = Path(app.__file__).resolve()
     assert checkout not in where.parents, f"app imported from the checkout: {where}"
@@ -78,7 +125,9 @@ def main() -> None:
     subprocess.run([UNBLOCK, "migrate"], env=env, check=True)
 
     children = [
-        subprocess.Popen([UNBLOCK, "sandbox", "--port", str(sandbox_port)], env=env),
+        subprocess.Popen(
+            [sandbox_python, "-m", "mosaic_sandbox", "--port", str(sandbox_port)], env=env
+        ),
         subprocess.Popen([UNBLOCK, "serve", "--port", str(api_port)], env=env),
     ]
     try:

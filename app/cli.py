@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -101,6 +102,25 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise OperatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+SANDBOX_MISSING = (
+    "the Mosaic sandbox (mosaic_sandbox) is not installed: "
+    "pip install ./sandbox from the unblock checkout (or make install)"
+)
+
+
+def require_sandbox() -> None:
+    """The sandbox is a distribution of its own (sandbox/), absent from production installs.
+
+    Looked up, not imported: the service's process stays out of the sandbox's import graph.
+    """
+    try:
+        found = importlib.util.find_spec("mosaic_sandbox") is not None
+    except ImportError:  # a finder may refuse the name outright rather than not find it
+        found = False
+    if not found:
+        raise OperatorError(SANDBOX_MISSING)
 
 
 def _exit_cleanly_on_signals() -> None:
@@ -206,7 +226,11 @@ def sandbox(
     seed: Annotated[int, typer.Option(help="Seed for ids and fault rates.")] = 0,
     step_delay: Annotated[float, typer.Option(help="Seconds between run nodes.")] = 0.2,
 ) -> None:
-    """Run the local Mosaic sandbox (a separate package; the service never imports it)."""
+    """Run the local Mosaic sandbox (package unblock-sandbox: pip install ./sandbox).
+
+    A separate distribution, installed by `make install`; the service never imports it.
+    """
+    require_sandbox()
     # A child process keeps the sandbox out of the service's import graph.
     args = [
         "--host",
@@ -230,6 +254,7 @@ def dev(
     """Embedded Postgres, the sandbox, the service and a demo account with blocked runs."""
     from app.dev import run_dev
 
+    require_sandbox()  # before the embedded PostgreSQL starts or a port is taken
     _logging()
     _exit_cleanly_on_signals()
     sock = listen("127.0.0.1", port)

@@ -161,6 +161,70 @@ async def test_a_port_in_use_is_named() -> None:
         await _assert_one_line_error(args, env, f"127.0.0.1:{port}", "in use")
 
 
+# A sitecustomize that makes the named top-level modules look not installed: `import` and
+# importlib.util.find_spec alike fail for them, in the command and in every child it starts.
+_NOT_INSTALLED = """
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {missing!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "needle"),
+    [
+        (["sandbox"], "mosaic_sandbox", "pip install ./sandbox"),
+        (["dev"], "mosaic_sandbox", "pip install ./sandbox"),
+        (["dev"], "pgserver", "pip install 'unblock[embedded]'"),
+    ],
+)
+async def test_a_part_left_out_of_production_installs_is_named_with_how_to_install_it(
+    tmp_path: Path, command: list[str], missing: str, needle: str
+) -> None:
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_NOT_INSTALLED.format(missing={missing}))
+    env = {k: v for k, v in env_for("").items() if k not in {"DATABASE_URL", "UNBLOCK_ENV"}}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+    # Installed here, hidden there: otherwise the test would prove nothing.
+    importable = [sys.executable, "-c", f"import {missing}"]
+    found = await asyncio.create_subprocess_exec(*importable, cwd=tmp_path)
+    assert await found.wait() == 0, f"{missing} is not installed in the test environment"
+    hidden = await asyncio.create_subprocess_exec(
+        *importable, cwd=tmp_path, env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    assert await hidden.wait() == 1
+
+    if command == ["dev"]:
+        command = [*command, "--port", str(free_port()), "--sandbox-port", str(free_port())]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        *command,
+        cwd=tmp_path,  # the embedded PostgreSQL would live in ./.unblock
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 60)
+    err = err_bytes.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()], err
+    assert err.startswith("unblock: "), err
+    assert needle in err, err
+    assert not (tmp_path / ".unblock" / "postgres" / "PG_VERSION").exists()
+
+
 async def test_migrate_needs_only_the_database() -> None:
     url = await fresh_database("ops_migrate_only", migrate=False)
     env = env_for(url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,8 +13,6 @@ import pytest
 
 from mosaic_sandbox import SandboxServer, create_app
 from mosaic_sandbox.cli import build_parser
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sync_server_runs_in_a_background_thread() -> None:
@@ -57,7 +54,7 @@ def test_cli_flags() -> None:
     assert (args.host, args.port, args.seed, args.step_delay) == ("0.0.0.0", 9999, 3, 0.5)
 
 
-def test_python_dash_m_serves_the_sandbox() -> None:
+def test_python_dash_m_serves_the_installed_sandbox_from_anywhere(tmp_path: Path) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -74,8 +71,7 @@ def test_python_dash_m_serves_the_sandbox() -> None:
             "--log-level",
             "warning",
         ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=tmp_path,  # the distribution in sandbox/, installed (make install), not the checkout
     )
     try:
         deadline = time.monotonic() + 15

@@ -30,13 +30,16 @@ from app.organizations.state_machine import DecisionState
 from app.subscriptions import outbox
 from app.work_queue import JobKind
 
-# Connection-level failures: the statement may not have run. Retrying it is safe, because it is
-# deduplicated: if the first attempt committed, the retry finds the stored event.
+# Failures of the connection rather than of the statement (a restarted or terminated backend;
+# asyncpg reports a connection the server closed while it sat in the pool in several ways). The
+# statement is retried once on a new connection: safe, because it is deduplicated (if the first
+# attempt committed, the retry finds the stored event).
 _CONNECTION_ERRORS = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
     asyncpg.InterfaceError,
-    ConnectionError,
+    asyncpg.InternalClientError,
+    OSError,
 )
 
 
@@ -158,14 +161,15 @@ _NEWS_STATES = sorted(s.value for s in ACTIVE_STATES if s is not State.RESUMING)
 async def _run(db: Database, statement: _Compiled, values: dict[str, Any]) -> asyncpg.Record:
     pool = await db.driver_pool()
     for attempt in (1, 2):
-        try:
-            async with pool.acquire() as conn:
+        async with pool.acquire() as conn:
+            try:
                 row: asyncpg.Record = await conn.fetchrow(statement.sql, *statement.args(values))
                 return row
-        except _CONNECTION_ERRORS:
-            # A connection the database dropped (a restart): the pool replaces it.
-            if attempt == 2:
-                raise
+            except _CONNECTION_ERRORS:
+                # Never back into the pool: it is replaced by a new connection on next use.
+                conn.terminate()
+                if attempt == 2:
+                    raise
     raise AssertionError("unreachable")
 
 

@@ -1,0 +1,263 @@
+"""The one-statement webhook path (`app.webhooks.ingest`) against the general one.
+
+A credit-blocked webhook for a run never seen before, whose organization's decision exists and
+is not `decided`, is stored and opened in one statement. It must leave exactly what the general
+path (`_act` through the ORM) leaves for the same event, in every state of the decision, and
+keep the webhook guarantees when deliveries race or a pooled connection dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from app.webhooks import ingest
+from app.webhooks.service import _act
+from conftest import Stack, Tenant, deliver, finished_event, isolated_stack, make_tenant
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PLAN = {"id": "creator", "name": "Creator", "paid": True}
+TOPUP = {"enabled": False, "amount": 100, "threshold": 10}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack() -> AsyncIterator[Stack]:
+    async with isolated_stack("ingest", worker=False) as stack:
+        yield stack
+
+
+@pytest.fixture
+def one_statement_answers(monkeypatch: pytest.MonkeyPatch) -> list[bool | None]:
+    """What each call of the one-statement path answered (None: it left the event alone)."""
+    answers: list[bool | None] = []
+    real = ingest.open_first_block
+
+    async def spy(*args: Any, **kwargs: Any) -> bool | None:
+        answer = await real(*args, **kwargs)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(ingest, "open_first_block", spy)
+    return answers
+
+
+async def _dsn(stack: Stack) -> str:
+    return stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _episode(conn: asyncpg.Connection, account_id: str, run_id: str) -> dict[str, Any]:
+    run = await conn.fetchrow(
+        "SELECT id, state, version, agent_id, plan, topup, chosen_plan_id, checkout_url,"
+        " error_code FROM blocked_runs WHERE account_id = $1 AND run_id = $2",
+        uuid.UUID(account_id),
+        run_id,
+    )
+    assert run is not None, run_id
+    history = await conn.fetch(
+        "SELECT from_state, to_state, event, actor, reason FROM blocked_run_history"
+        " WHERE blocked_run_id = $1 ORDER BY id",
+        run["id"],
+    )
+    checks = await conn.fetchval(
+        "SELECT count(*) FROM jobs WHERE account_id = $1 AND kind = 'check_plan'"
+        " AND status = 'pending'",
+        uuid.UUID(account_id),
+    )
+    return {
+        **{k: v for k, v in dict(run).items() if k != "id"},
+        "history": [tuple(h) for h in history],
+        "pending_checks": checks,
+    }
+
+
+async def _set_decision(conn: asyncpg.Connection, tenant: Tenant, state: str) -> None:
+    # The decision as its own steps would leave it; its pending steps are dropped so that what
+    # each path records is seen on its own.
+    await conn.execute(
+        "UPDATE organization_decisions SET state = $2, plan = $3::jsonb, topup = $4::jsonb,"
+        " chosen_plan_id = $5 WHERE account_id = $1",
+        uuid.UUID(tenant.account_id),
+        state,
+        json.dumps(PLAN),
+        json.dumps(TOPUP),
+        "creator",
+    )
+    await conn.execute("DELETE FROM jobs WHERE account_id = $1", uuid.UUID(tenant.account_id))
+
+
+@pytest.mark.parametrize(
+    "decision_state",
+    ["idle", "checking_plan", "awaiting_choice", "awaiting_checkout", "topup_prompt"],
+)
+async def test_one_statement_opens_and_joins_as_the_general_path_does(
+    stack: Stack, decision_state: str, one_statement_answers: list[bool | None]
+) -> None:
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    first = await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    assert first.json() == {"status": "accepted"}
+    assert one_statement_answers == [None]  # the account's first block makes its decision
+    conn = await asyncpg.connect(await _dsn(stack))
+    try:
+        await _set_decision(conn, tenant, decision_state)
+        fast_run, general_run = f"run-{uuid.uuid4()}", f"run-{uuid.uuid4()}"
+        answer = await deliver(stack.client, tenant, finished_event(fast_run))
+        assert answer.status_code == 202
+        assert answer.json() == {"status": "accepted"}
+        assert one_statement_answers == [None, True]
+        fast = await _episode(conn, tenant.account_id, fast_run)
+
+        await _set_decision(conn, tenant, decision_state)
+        rt = stack.service.runtime
+        async with rt.db.transaction() as session:
+            await _act(rt, session, uuid.UUID(tenant.account_id), finished_event(general_run))
+        general = await _episode(conn, tenant.account_id, general_run)
+    finally:
+        await conn.close()
+    assert fast == general
+    assert fast["history"][0] == (
+        None,
+        "checking_plan",
+        "blocked",
+        "mosaic",
+        "RUN_FINISHED with the flag",
+    )
+    assert fast["pending_checks"] == (1 if decision_state == "idle" else 0)
+
+
+async def test_a_decided_organization_takes_the_general_path(
+    stack: Stack, one_statement_answers: list[bool | None]
+) -> None:
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    conn = await asyncpg.connect(await _dsn(stack))
+    try:
+        await _set_decision(conn, tenant, "decided")
+        await conn.execute(
+            "UPDATE organization_decisions SET decided_at = now() WHERE account_id = $1",
+            uuid.UUID(tenant.account_id),
+        )
+        run_id = f"run-{uuid.uuid4()}"
+        answer = await deliver(stack.client, tenant, finished_event(run_id))
+        assert answer.json() == {"status": "accepted"}
+        run = await _episode(conn, tenant.account_id, run_id)
+    finally:
+        await conn.close()
+    assert one_statement_answers == [None, None]
+    # Blocked within the grace after the answer: the answer covers it, so it resumes.
+    assert run["state"] == "resuming"
+
+
+async def test_a_run_opened_by_another_delivery_mid_statement_is_a_duplicate(
+    stack: Stack, one_statement_answers: list[bool | None]
+) -> None:
+    """Two different bodies for one new run: the statement that loses the run's unique index
+    stores its event as a duplicate and opens nothing."""
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    run_id = f"run-{uuid.uuid4()}"
+    holder = await asyncpg.connect(await _dsn(stack))
+    watcher = await asyncpg.connect(await _dsn(stack))
+    try:
+        # Another delivery's transaction, holding the run's open episode uncommitted.
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "INSERT INTO blocked_runs (id, account_id, run_id, state)"
+            " VALUES ($1, $2, $3, 'checking_plan')",
+            uuid.uuid4(),
+            uuid.UUID(tenant.account_id),
+            run_id,
+        )
+        late = asyncio.create_task(
+            deliver(stack.client, tenant, finished_event(run_id, status_message="other copy"))
+        )
+
+        async def waiting_on_the_run() -> bool:
+            # The webhook's statement waits on the uncommitted episode's unique index entry.
+            return bool(
+                await watcher.fetchval(
+                    "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a"
+                    " ON a.pid = l.pid WHERE NOT l.granted AND l.locktype = 'transactionid'"
+                    " AND a.datname = current_database()"
+                )
+            )
+
+        for _ in range(500):
+            if await waiting_on_the_run():
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the webhook never waited on the other delivery's run")
+        await tx.commit()
+        answer = await late
+        assert answer.status_code == 202
+        assert answer.json() == {"status": "duplicate"}
+        assert one_statement_answers[-1] is False
+        runs = await watcher.fetchval(
+            "SELECT count(*) FROM blocked_runs WHERE account_id = $1 AND run_id = $2",
+            uuid.UUID(tenant.account_id),
+            run_id,
+        )
+        outcomes = await watcher.fetch(
+            "SELECT outcome FROM webhook_events WHERE account_id = $1 AND run_id = $2",
+            uuid.UUID(tenant.account_id),
+            run_id,
+        )
+    finally:
+        await holder.close()
+        await watcher.close()
+    assert runs == 1
+    assert [o["outcome"] for o in outcomes] == ["duplicate"]
+
+
+async def test_identical_deliveries_at_once_store_one_event_and_open_one_run(
+    stack: Stack, one_statement_answers: list[bool | None]
+) -> None:
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    run_id = f"run-{uuid.uuid4()}"
+    answers = await asyncio.gather(
+        *(deliver(stack.client, tenant, finished_event(run_id)) for _ in range(12))
+    )
+    statuses = sorted(a.json()["status"] for a in answers)
+    assert statuses == ["accepted"] + ["duplicate"] * 11
+    assert one_statement_answers.count(True) == 1
+    rt = stack.service.runtime
+    async with rt.db.sessions() as session:
+        runs = await session.scalar(
+            text("SELECT count(*) FROM blocked_runs WHERE run_id = :r"), {"r": run_id}
+        )
+        events = await session.scalar(
+            text("SELECT count(*) FROM webhook_events WHERE run_id = :r"), {"r": run_id}
+        )
+    assert (runs, events) == (1, 1)
+
+
+async def test_a_pooled_connection_the_database_dropped_is_replaced(stack: Stack) -> None:
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    pool = await stack.service.runtime.db.driver_pool()
+    assert pool.get_size() >= 1
+    # As a database restart or an idle timeout would: every pooled connection is cut.
+    conn = await asyncpg.connect(await _dsn(stack))
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    assert killed >= 1
+    run_id = f"run-{uuid.uuid4()}"
+    answer = await deliver(stack.client, tenant, finished_event(run_id))
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"status": "accepted"}

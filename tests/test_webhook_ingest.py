@@ -9,6 +9,7 @@ keep the webhook guarantees when deliveries race or a pooled connection dies.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -261,3 +262,26 @@ async def test_a_pooled_connection_the_database_dropped_is_replaced(stack: Stack
     answer = await deliver(stack.client, tenant, finished_event(run_id))
     assert answer.status_code == 202, answer.text
     assert answer.json() == {"status": "accepted"}
+
+
+async def test_a_body_with_a_byte_order_mark_is_stored_as_its_json(
+    stack: Stack, one_statement_answers: list[bool | None]
+) -> None:
+    """JSON parsers accept a UTF-8 byte order mark; the stored payload is the JSON itself."""
+    tenant = await make_tenant(stack.client, stack.mosaic)
+    await deliver(stack.client, tenant, finished_event(f"run-{uuid.uuid4()}"))
+    run_id = f"run-{uuid.uuid4()}"
+    body = codecs.BOM_UTF8 + json.dumps(finished_event(run_id, status_message="é")).encode()
+    answer = await deliver(stack.client, tenant, body)
+    assert answer.json() == {"status": "accepted"}, answer.text
+    assert one_statement_answers[-1] is True
+    rt = stack.service.runtime
+    async with rt.db.sessions() as session:
+        stored = (
+            await session.execute(
+                text("SELECT payload, raw_body FROM webhook_events WHERE run_id = :r"),
+                {"r": run_id},
+            )
+        ).one()
+    assert stored.payload == finished_event(run_id, status_message="é")
+    assert stored.raw_body == body.decode("utf-8")

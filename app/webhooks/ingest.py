@@ -87,7 +87,7 @@ WITH decision AS (
 ), stored AS (
     INSERT INTO webhook_events (account_id, dedup_key, flag, run_id, payload, raw_body, outcome)
     SELECT CAST(:account_id AS uuid), CAST(:dedup_key AS text), CAST(:flag AS text),
-           CAST(:run_id AS text), CAST(:raw_body AS jsonb), CAST(:raw_body AS text), 'accepted'
+           CAST(:run_id AS text), CAST(:payload AS jsonb), CAST(:raw_body AS text), 'accepted'
     FROM eligible
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -181,6 +181,7 @@ async def open_first_block(
     agent_id: str | None,
     flag: str,
     dedup_key: str,
+    payload: str,
     raw_body: str,
     actor: str,
     reason: str,
@@ -201,6 +202,7 @@ async def open_first_block(
             "agent_id": agent_id,
             "flag": flag,
             "dedup_key": dedup_key,
+            "payload": payload,
             "raw_body": raw_body,
             "new_id": new_id,
             "actor": actor,

@@ -85,12 +85,17 @@ def parse_event(raw: bytes) -> dict[str, Any]:
     return payload
 
 
-def dedup_key(payload: dict[str, Any], generation: int) -> str:
+def canonical_json(payload: dict[str, Any]) -> str:
+    """The event as JSON with sorted keys: what its deduplication key is made from."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def dedup_key(payload: dict[str, Any], generation: int, *, canonical: str | None = None) -> str:
     """Identical deliveries share a key. The generation (times the run entered `resuming`) keeps
     a run that blocks again after a resume, with a byte-identical RUN_FINISHED, from looking
     like a copy of the first one."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{generation}:{canonical}".encode()).hexdigest()
+    text = canonical if canonical is not None else canonical_json(payload)
+    return hashlib.sha256(f"{generation}:{text}".encode()).hexdigest()
 
 
 async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw: bytes) -> Outcome:
@@ -118,14 +123,16 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
     elif flag == "RUN_FINISHED" and needs_credits(payload):
         # The common block, a run never reported before, in one statement (`ingest`); the
         # generation is 0 there, as no episode of the run exists.
+        canonical = canonical_json(payload)
         opened = await ingest.open_first_block(
             rt.db,
             account_id=account_id,
             run_id=payload["run_id"],
             agent_id=payload.get("agent_id"),
             flag=payload["flag"],
-            dedup_key=dedup_key(payload, 0),
-            raw_body=raw.decode(),
+            dedup_key=dedup_key(payload, 0, canonical=canonical),
+            payload=canonical,
+            raw_body=raw.decode("utf-8", errors="replace"),
             actor=MOSAIC,
             reason=f"{flag} with the flag",
             give_up_seconds=rt.settings.give_up_after.total_seconds(),

@@ -111,8 +111,9 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.include_router(accounts_router)
+    # Routes match in order: Mosaic's webhooks, by far the busiest, are tried first.
     app.include_router(webhooks_router)
+    app.include_router(accounts_router)
     app.include_router(blocked_runs_router)
     app.include_router(organization_router)
     webapp.install(app)

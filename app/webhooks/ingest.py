@@ -87,7 +87,8 @@ WITH decision AS (
 ), stored AS (
     INSERT INTO webhook_events (account_id, dedup_key, flag, run_id, payload, raw_body, outcome)
     SELECT CAST(:account_id AS uuid), CAST(:dedup_key AS text), CAST(:flag AS text),
-           CAST(:run_id AS text), CAST(CAST(:payload AS text) AS jsonb), CAST(:raw_body AS text), 'accepted'
+           CAST(:run_id AS text), CAST(CAST(:payload AS text) AS jsonb),
+           CAST(:raw_body AS text), 'accepted'
     FROM eligible
     ON CONFLICT DO NOTHING
     RETURNING id

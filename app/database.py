@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -135,6 +136,22 @@ class Database:
         """One unit of work: committed on success, rolled back on error."""
         async with self.sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def raw(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on the pool's own asyncpg connection, for the worker's hot paths.
+
+        No ORM unit of work and no statement compilation: plain SQL that asyncpg prepares once
+        per connection (its statement cache), committed on success, rolled back on error. The
+        connection comes from (and goes back to) the same pool as `transaction()`'s, so the
+        number of connections stays what `db_pool_size` says. jsonb columns decode to Python
+        values (the dialect's codec on every pooled connection) and are sent as JSON text.
+        """
+        async with self.engine.connect() as conn:
+            fairy = await conn.get_raw_connection()
+            pg: asyncpg.Connection = fairy.driver_connection
+            async with pg.transaction():
+                yield pg
 
     async def dispose(self) -> None:
         await self.engine.dispose()

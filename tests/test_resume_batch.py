@@ -17,8 +17,8 @@ from sqlalchemy import text
 from app.blocked_runs.state_machine import ResumeOutcome
 from app.blocked_runs.steps import recorder
 from app.runtime import Runtime
-from app.worker import execute
 from app.work_queue import ClaimedJob, JobKind, claim_due
+from app.worker import execute
 from conftest import (
     Stack,
     Tenant,
@@ -171,7 +171,8 @@ async def test_a_lease_lost_mid_batch_drops_that_outcome_and_resumes_nobody_twic
                 {"id": taken.id},
             )
         (again,) = await _claim_resumes(rt, "other-worker", 1)
-        assert again.id == taken.id and again.attempts == 2
+        assert again.id == taken.id
+        assert again.attempts == 2
 
         # The slow worker's batch: every call goes out, but the taken job's outcome is not
         # its to record; the rest are recorded in one set-based finish.

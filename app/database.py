@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -115,6 +116,21 @@ def plain_postgres_url(url: str) -> str:
     return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
+# Connections of `Database.raw()`: claims, reschedules and batches of outcomes, each short.
+RAW_POOL_SIZE = 4
+
+
+async def _json_codecs(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _end_open_transaction(conn: asyncpg.Connection) -> None:
+    # Normally a no-op (no round trip): only a use cut off mid-commit leaves one open.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """One engine and session factory per process, made in lifespan and disposed there."""
 
@@ -130,6 +146,8 @@ class Database:
             **engine_kwargs,
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._raw_pool: asyncpg.Pool | None = None
+        self._raw_lock = asyncio.Lock()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -139,19 +157,32 @@ class Database:
 
     @asynccontextmanager
     async def raw(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction on the pool's own asyncpg connection, for the worker's hot paths.
+        """A transaction on a plain asyncpg connection, for the worker's hot paths.
 
         No ORM unit of work and no statement compilation: plain SQL that asyncpg prepares once
-        per connection (its statement cache), committed on success, rolled back on error. The
-        connection comes from (and goes back to) the same pool as `transaction()`'s, so the
-        number of connections stays what `db_pool_size` says. jsonb columns decode to Python
-        values (the dialect's codec on every pooled connection) and are sent as JSON text.
+        per connection (its statement cache), committed on success, rolled back on error. Its
+        own small pool (`RAW_POOL_SIZE`), made on first use: asyncpg's pool copes with a task
+        cancelled mid-query (the connection is reset or dropped, never handed out inside a
+        transaction), needs no ping per checkout, and keeps these short transactions from
+        queueing behind the ORM's. jsonb columns decode to Python values, as through the ORM.
         """
-        async with self.engine.connect() as conn:
-            fairy = await conn.get_raw_connection()
-            pg: asyncpg.Connection = fairy.driver_connection
-            async with pg.transaction():
-                yield pg
+        if self._raw_pool is None:
+            async with self._raw_lock:
+                if self._raw_pool is None:
+                    self._raw_pool = await asyncpg.create_pool(
+                        plain_postgres_url(self.url),
+                        min_size=0,
+                        max_size=RAW_POOL_SIZE,
+                        init=_json_codecs,
+                        # Every use is one transaction that ends before release, so the default
+                        # reset (UNLISTEN, RESET ALL…: a round trip per release) has nothing to
+                        # undo; only a transaction left open is closed.
+                        reset=_end_open_transaction,
+                    )
+        async with self._raw_pool.acquire() as pg, pg.transaction():
+            yield pg
 
     async def dispose(self) -> None:
+        if self._raw_pool is not None:
+            await self._raw_pool.close()
         await self.engine.dispose()

@@ -116,6 +116,17 @@ def plain_postgres_url(url: str) -> str:
     return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
+async def _json_codecs(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _end_open_transaction(conn: asyncpg.Connection) -> None:
+    # Normally a no-op (no round trip): only a use cut off mid-commit leaves one open.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """One engine and session factory per process, made in lifespan and disposed there."""
 
@@ -131,26 +142,35 @@ class Database:
             **engine_kwargs,
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # A plain asyncpg pool for the few hot statements that are one round trip each (webhook
-        # ingest): an ORM session costs a pre-ping, a unit of work and a rollback on return,
-        # several times the statement itself. No connection is opened until one is needed, so
-        # processes that never ingest (workers, commands) never hold one.
-        self._driver_pool: asyncpg.Pool | None = None
-        self._driver_size = pool_size
-        self._driver_ready = asyncio.Lock()
+        # A plain asyncpg pool for the hot paths (webhook ingest, the worker's claims and
+        # batched outcomes): an ORM session costs a pre-ping, a unit of work and a rollback on
+        # return, several times the statements themselves. No connection is opened until one is
+        # needed, so a process only holds the connections it uses.
+        self._raw_pool: asyncpg.Pool | None = None
+        self._raw_size = pool_size
+        self._raw_lock = asyncio.Lock()
 
     async def driver_pool(self) -> asyncpg.Pool:
-        """The asyncpg pool, opened on first use."""
-        if self._driver_pool is None:
-            async with self._driver_ready:
-                if self._driver_pool is None:
-                    self._driver_pool = await asyncpg.create_pool(
+        """The plain asyncpg pool, opened on first use.
+
+        asyncpg's pool copes with a task cancelled mid-query (the connection is reset or
+        dropped, never handed out inside a transaction) and needs no ping per checkout; jsonb
+        columns decode to Python values, as through the ORM.
+        """
+        if self._raw_pool is None:
+            async with self._raw_lock:
+                if self._raw_pool is None:
+                    self._raw_pool = await asyncpg.create_pool(
                         plain_postgres_url(self.url),
                         min_size=0,
-                        max_size=self._driver_size,
-                        reset=_reset_if_needed,
+                        max_size=self._raw_size,
+                        init=_json_codecs,
+                        # Every use is one statement or one transaction that ends before
+                        # release, so the default reset (UNLISTEN, RESET ALL…: a round trip per
+                        # release) has nothing to undo; only a transaction left open is closed.
+                        reset=_end_open_transaction,
                     )
-        return self._driver_pool
+        return self._raw_pool
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -158,15 +178,19 @@ class Database:
         async with self.sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def raw(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on a plain asyncpg connection, for the worker's hot paths.
+
+        No ORM unit of work and no statement compilation: plain SQL that asyncpg prepares once
+        per connection (its statement cache), committed on success, rolled back on error, on a
+        connection of `driver_pool()`, so these short transactions never queue behind the ORM's.
+        """
+        pool = await self.driver_pool()
+        async with pool.acquire() as pg, pg.transaction():
+            yield pg
+
     async def dispose(self) -> None:
-        if self._driver_pool is not None:
-            await self._driver_pool.close()
+        if self._raw_pool is not None:
+            await self._raw_pool.close()
         await self.engine.dispose()
-
-
-async def _reset_if_needed(conn: asyncpg.Connection) -> None:
-    # asyncpg's default reset runs a query (UNLISTEN, RESET ALL, …) on every release. The hot
-    # statements run outside transactions and set no session state, so only a connection left
-    # inside a transaction (a statement cancelled half-way) needs one.
-    if conn.is_in_transaction():
-        await conn.reset()

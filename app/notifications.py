@@ -24,9 +24,22 @@ RUN_EVENTS_CHANNEL = "unblock_run_events"
 
 
 async def notify(session: AsyncSession, channel: str, payload: str = "") -> None:
+    """NOTIFY on commit. PostgreSQL folds identical notifications of one transaction into one,
+    so a repeat (a step's finish, its transition and its release all name the same run or
+    organization) is not sent again: one round trip fewer each, same notifications delivered."""
+    # Keyed on the innermost transaction: a savepoint rolled back takes its notifications along,
+    # so what was sent inside one is sent again outside it.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    sent: tuple[object, set[tuple[str, str]]] | None = session.info.get("notified")
+    if sent is None or sent[0] is not transaction:
+        sent = (transaction, set())
+        session.info["notified"] = sent
+    if (channel, payload) in sent[1]:
+        return
     await session.execute(
         text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
     )
+    sent[1].add((channel, payload))
 
 
 class Listener:

@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from fastapi import Request
@@ -41,6 +42,8 @@ class Runtime:
     # is set when its account is made and nothing changes or deletes it; the expiry bounds how
     # long a change made behind the service's back (SQL) could go unseen.
     _secret_hashes: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
+    # Group commits of steps' outcomes, by job kind (`work_queue.GroupCommit`), made on use.
+    batches: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:

@@ -6,11 +6,12 @@ import asyncio
 import json
 import random
 import uuid
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable
+from contextvars import Context, ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import case, cast, literal, text, update
 from sqlalchemy.dialects.postgresql import JSONB, Insert
@@ -126,6 +127,9 @@ class ClaimedJob:
     attempts: int
     give_up_at: datetime
     worker_id: str
+    # Claimed with a resume window (`claim_due`), a resume carries what its step reads first.
+    run_id: str | None = None
+    earlier_resumes: int | None = None
 
 
 def _new_job(
@@ -250,54 +254,96 @@ async def enqueue_verification(
     return job_id
 
 
+# Claims take several due jobs in one statement (SKIP LOCKED, each with a lease). A resume also
+# gets what its step needs to read first, in the same round trip: the Mosaic run id and how
+# many earlier episodes of that run ended resumed within the resume window since a person last
+# retried it (the resume-loop bound; the same count as `blocked_runs.repository.recent_resumes`).
 _CLAIM = """
-UPDATE jobs SET locked_until = now() + make_interval(secs => :lease), locked_by = :worker,
-                attempts = attempts + 1
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status = 'pending' AND (locked_until IS NULL OR locked_until < now()) AND {condition}
-    ORDER BY run_after, id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
+WITH claimed AS (
+    UPDATE jobs SET locked_until = now() + make_interval(secs => $1::float8), locked_by = $2,
+                    attempts = attempts + 1
+    WHERE id IN (
+        SELECT id FROM jobs
+        WHERE status = 'pending' AND (locked_until IS NULL OR locked_until < now())
+          AND {condition}
+        ORDER BY run_after, id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, kind, account_id, blocked_run_id, payload, attempts, give_up_at
 )
-RETURNING id, kind, account_id, blocked_run_id, payload, attempts, give_up_at
+SELECT c.id, c.kind, c.account_id, c.blocked_run_id, c.payload, c.attempts, c.give_up_at,
+       r.run_id AS mosaic_run_id, e.earlier
+FROM claimed AS c
+LEFT JOIN blocked_runs AS r ON r.id = c.blocked_run_id AND c.kind = 'resume'
+LEFT JOIN LATERAL (
+    SELECT count(*) AS earlier FROM blocked_runs AS o
+    WHERE o.account_id = r.account_id AND o.run_id = r.run_id AND o.state = 'resumed'
+      AND o.state_changed_at > greatest(
+          now() - make_interval(secs => $4::float8),
+          COALESCE((SELECT max(h.created_at) FROM blocked_run_history AS h
+                    JOIN blocked_runs AS x ON x.id = h.blocked_run_id
+                    WHERE x.account_id = r.account_id AND x.run_id = r.run_id
+                      AND h.event = 'retry'), '-infinity'::timestamptz))
+) AS e ON r.id IS NOT NULL AND $4::float8 IS NOT NULL
+ORDER BY c.id
 """
+_CLAIM_DUE = _CLAIM.format(condition="run_after <= now()")
+_CLAIM_ONE = _CLAIM.format(condition="id = $5")
 
 
 async def _claim(
-    db: Database, condition: str, params: dict[str, Any], worker_id: str, lease: timedelta
+    db: Database,
+    statement: str,
+    args: tuple[Any, ...],
+    worker_id: str,
+    lease: timedelta,
+    limit: int,
+    resume_window: timedelta | None,
 ) -> list[ClaimedJob]:
-    async with db.transaction() as session:
-        rows = await session.execute(
-            text(_CLAIM.format(condition=condition)),
-            {"lease": lease.total_seconds(), "worker": worker_id, **params},
+    window = resume_window.total_seconds() if resume_window is not None else None
+    async with db.raw() as conn:
+        rows = await conn.fetch(statement, lease.total_seconds(), worker_id, limit, window, *args)
+    return [
+        ClaimedJob(
+            id=r["id"],
+            kind=JobKind(r["kind"]),
+            account_id=r["account_id"],
+            blocked_run_id=r["blocked_run_id"],
+            payload=r["payload"],
+            attempts=r["attempts"],
+            give_up_at=r["give_up_at"],
+            worker_id=worker_id,
+            run_id=r["mosaic_run_id"],
+            earlier_resumes=r["earlier"],
         )
-        return [
-            ClaimedJob(
-                id=r.id,
-                kind=JobKind(r.kind),
-                account_id=r.account_id,
-                blocked_run_id=r.blocked_run_id,
-                payload=r.payload,
-                attempts=r.attempts,
-                give_up_at=r.give_up_at,
-                worker_id=worker_id,
-            )
-            for r in rows
-        ]
+        for r in rows
+    ]
 
 
 async def claim_due(
-    db: Database, worker_id: str, *, limit: int, lease: timedelta
+    db: Database,
+    worker_id: str,
+    *,
+    limit: int,
+    lease: timedelta,
+    resume_window: timedelta | None = None,
 ) -> list[ClaimedJob]:
-    return await _claim(db, "run_after <= now()", {"limit": limit}, worker_id, lease)
+    """Claim up to `limit` due jobs in one statement. With `resume_window`, a resume comes with
+    its run's Mosaic id and earlier resume count (`ClaimedJob.run_id`, `.earlier_resumes`)."""
+    return await _claim(db, _CLAIM_DUE, (), worker_id, lease, limit, resume_window)
 
 
 async def claim_job(
-    db: Database, job_id: int, worker_id: str, lease: timedelta
+    db: Database,
+    job_id: int,
+    worker_id: str,
+    lease: timedelta,
+    *,
+    resume_window: timedelta | None = None,
 ) -> ClaimedJob | None:
     """Claim one job now, due or held (used by the request that recorded it)."""
-    jobs = await _claim(db, "id = :job_id", {"limit": 1, "job_id": job_id}, worker_id, lease)
+    jobs = await _claim(db, _CLAIM_ONE, (job_id,), worker_id, lease, 1, resume_window)
     return jobs[0] if jobs else None
 
 
@@ -338,18 +384,15 @@ async def finish(session: AsyncSession, job: ClaimedJob, *, status: str = "done"
 
 
 async def reschedule(db: Database, job: ClaimedJob, *, delay: timedelta, error: str) -> None:
-    async with db.transaction() as session:
-        await session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.locked_by == job.worker_id, Job.status == "pending")
-            .values(
-                run_after=text("now() + make_interval(secs => :delay)").bindparams(
-                    delay=delay.total_seconds()
-                ),
-                locked_until=None,
-                locked_by=None,
-                last_error=error[:1000],
-            )
+    async with db.raw() as conn:
+        await conn.execute(
+            "UPDATE jobs SET run_after = now() + make_interval(secs => $1::float8),"
+            " locked_until = NULL, locked_by = NULL, last_error = $2"
+            " WHERE id = $3 AND locked_by = $4 AND status = 'pending'",
+            delay.total_seconds(),
+            error[:1000],
+            job.id,
+            job.worker_id,
         )
 
 
@@ -369,3 +412,62 @@ def backoff(
     # Full jitter: uniform up to base * 2^(n-1), capped; the exponent is bounded against overflow.
     ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** min(max(1, attempts) - 1, 60))
     return timedelta(seconds=max(random.uniform(0, ceiling), retry_after or 0.0))
+
+
+T = TypeVar("T")
+
+
+class GroupCommit(Generic[T]):
+    """Record many steps' outcomes in one transaction: a group commit.
+
+    Each step calls Mosaic on its own, then hands its outcome here and waits until it is
+    committed. The first outcome is written at once; those arriving while a write is under way
+    wait for it and go together in the next one, so under load one set-based transaction
+    records a whole batch, and alone a step waits for nobody. `flush` gets a batch (at most
+    `limit`) and answers which of its jobs it closed; a job it did not close (lease lost,
+    cancelled meanwhile) raises LeaseLost in its own step, and a failed write raises its error
+    in every step of that batch, each then retried on its own like any failed step.
+
+    A step whose time box ends while it waits stops waiting; its outcome may still commit
+    (then the job is closed and its reschedule finds nothing to do) or not (then its retry
+    reads Mosaic first), never half.
+    """
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[set[int]]], *, limit: int) -> None:
+        self._flush = flush
+        self._limit = limit
+        self._queue: list[tuple[int, T, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, job_id: int, outcome: T) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append((job_id, outcome, waiter))
+        if self._writer is None or self._writer.done():
+            # Its own context: the writer serves every step of the batch, not the first one.
+            self._writer = asyncio.create_task(self._write(), context=Context())
+        await waiter
+
+    async def _write(self) -> None:
+        # Outcomes that arrive in this same turn of the loop join the first batch.
+        await asyncio.sleep(0)
+        while self._queue:
+            batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            try:
+                closed = await self._flush([outcome for _, outcome, _ in batch])
+            except Exception as exc:
+                for _, _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            except BaseException:
+                for _, _, waiter in batch:
+                    if not waiter.done():
+                        waiter.cancel()
+                raise
+            for job_id, _, waiter in batch:
+                if waiter.done():
+                    continue
+                if job_id in closed:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(LeaseLost(f"job {job_id} is no longer ours"))

@@ -207,7 +207,13 @@ async def attempt_now(
     async with rt.listener.subscribe(RUN_EVENTS_CHANNEL) as changes:
         job = None
         if job_id is not None:
-            job = await claim_job(rt.db, job_id, new_worker_id(), rt.settings.job_lease)
+            job = await claim_job(
+                rt.db,
+                job_id,
+                new_worker_id(),
+                rt.settings.job_lease,
+                resume_window=rt.settings.resume_window,
+            )
         if job is not None:
             task = asyncio.create_task(execute(rt, job))
             rt.keep(task)
@@ -240,6 +246,7 @@ class Worker:
         self.rt = rt
         self.worker_id = new_worker_id()
         self._running: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Event()  # set when a running step ends
         self._relay = notifications_out.Relay(rt)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -254,16 +261,23 @@ class Worker:
                     # New outbound notifications get their subscription's drain job here,
                     # outside the transitions that recorded them.
                     await self._relay.run()
+                    self._freed.clear()  # a step ending from here on wakes `_idle`
                     free = settings.worker_concurrency - len(self._running)
                     claimed = []
                     if free > 0:
+                        # Every free slot in one statement; under load slots free up in batches
+                        # (outcomes are recorded together), so claims come in batches too.
                         claimed = await claim_due(
-                            self.rt.db, self.worker_id, limit=free, lease=settings.job_lease
+                            self.rt.db,
+                            self.worker_id,
+                            limit=free,
+                            lease=settings.job_lease,
+                            resume_window=settings.resume_window,
                         )
                     for job in claimed:
                         task = asyncio.create_task(execute(self.rt, job), name=f"job-{job.id}")
                         self._running.add(task)
-                        task.add_done_callback(self._running.discard)
+                        task.add_done_callback(self._slot_freed)
                     if claimed and len(claimed) == free:
                         continue
                 except Exception:
@@ -274,10 +288,15 @@ class Worker:
         await upkeep
         log.info("worker %s stopped", self.worker_id)
 
+    def _slot_freed(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._freed.set()
+
     async def _idle(self, wake: asyncio.Queue[str], stop: asyncio.Event, poll: float) -> None:
         """Sleep until new work is announced, a slot frees up, stop is asked, or the poll tick."""
         waiters = {asyncio.create_task(wake.get()), asyncio.create_task(stop.wait())}
-        waiters |= {asyncio.ensure_future(asyncio.shield(t)) for t in self._running}
+        if self._running:
+            waiters.add(asyncio.create_task(self._freed.wait()))
         try:
             await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
         finally:

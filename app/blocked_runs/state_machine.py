@@ -9,6 +9,7 @@ refused with a 409 naming the current state.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
 from app.blocked_runs.models import BlockedRun, HistoryEntry
+from app.database import Database
 from app.errors import Conflict
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
 from app.subscriptions import outbox
@@ -376,3 +378,95 @@ async def release(
         await notify(session, RUN_EVENTS_CHANNEL, organization_key(account_id))
         await notify(session, JOBS_CHANNEL)
     return moved
+
+
+@dataclass(frozen=True)
+class ResumeOutcome:
+    """What one resume step learned from Mosaic, to be recorded with its batch."""
+
+    job_id: int
+    worker_id: str
+    blocked_run_id: uuid.UUID
+    event: Event
+    reason: str
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+# A batch of resume outcomes in one statement, after its runs are locked (in id order, the run
+# before its job as everywhere): close each job still ours (lease and status checked per job),
+# move each closed job's run out of `resuming` with its history row and outbound event, and
+# announce each run on the event stream. The same writes as `finish` plus `transition` per
+# run, set-based like `release`. The closed resume job was its run's only pending job (one
+# pending job per run, by a unique index), so moving it to a terminal state cancels nothing.
+_FINISH_RESUMES = f"""
+WITH outcome AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[])
+        AS o(job_id, worker, event, to_state, reason, error_code, error_message)
+), done AS (
+    UPDATE jobs AS j SET status = 'done', finished_at = now(), locked_until = NULL
+    FROM outcome AS o
+    WHERE j.id = o.job_id AND j.locked_by = o.worker AND j.status = 'pending'
+    RETURNING j.id AS job_id, j.blocked_run_id, o.event, o.to_state, o.reason, o.error_code,
+              o.error_message
+), moved AS (
+    UPDATE blocked_runs AS r
+    SET state = d.to_state, version = r.version + 1, updated_at = now(),
+        state_changed_at = now(),
+        error_code = COALESCE(d.error_code, r.error_code),
+        error_message = COALESCE(d.error_message, r.error_message)
+    FROM done AS d
+    WHERE r.id = d.blocked_run_id AND r.state = 'resuming'
+    RETURNING r.id, CAST('resuming' AS text) AS from_state, r.account_id, r.run_id, r.agent_id,
+              r.state, r.error_code, r.error_message, d.event, d.reason
+), history AS (
+    INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
+    SELECT id, from_state, state, event, 'system', reason FROM moved
+), deliveries AS (
+    INSERT INTO notification_deliveries
+        (subscription_id, account_id, message_id, event_type, ordering_key, payload)
+    SELECT s.id, s.account_id, 'msg_' || replace(CAST(gen_random_uuid() AS text), '-', ''),
+           b.notify_type, CAST(b.id AS text),
+           {outbox.run_data_sql("b.notify_type", "b.event", "'system'", "b.reason")}
+    FROM (SELECT m.*, CASE m.state WHEN 'resumed' THEN 'run.resumed'
+                                   WHEN 'failed' THEN 'run.failed' END AS notify_type
+          FROM moved AS m) AS b
+    JOIN subscriptions AS s ON s.account_id = b.account_id
+    WHERE s.status = 'active' AND b.notify_type = ANY(s.event_types)
+    RETURNING 1
+)
+SELECT d.job_id, m.state AS moved_to, (SELECT count(*) FROM deliveries) AS delivered,
+       pg_notify($8, CAST(d.blocked_run_id AS text))
+FROM done AS d LEFT JOIN moved AS m ON m.id = d.blocked_run_id
+"""
+
+
+async def finish_resumes(db: Database, outcomes: list[ResumeOutcome]) -> set[int]:
+    """Record a batch of resume outcomes in one transaction; the ids of the jobs closed.
+
+    A job not closed here was no longer ours (its lease ran out and another worker has it,
+    or its run was cancelled): its outcome is dropped, as `finish` would refuse it.
+    """
+    if not outcomes:
+        return set()
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    for o in outcomes:
+        target = target_of(State.RESUMING.value, o.event)
+        row = (o.job_id, o.worker_id, o.event.value, target.value, o.reason)
+        for column, value in zip(columns, (*row, o.error_code, o.error_message), strict=True):
+            column.append(value)
+    runs = sorted({o.blocked_run_id for o in outcomes})
+    async with db.raw() as conn:
+        # The runs before their jobs, in id order: the one lock order (see `cancel`).
+        await conn.execute(
+            "SELECT 1 FROM blocked_runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE",
+            runs,
+        )
+        rows = await conn.fetch(_FINISH_RESUMES, *columns, RUN_EVENTS_CHANNEL)
+        if rows and rows[0]["delivered"]:
+            await conn.execute("SELECT pg_notify($1, '')", JOBS_CHANNEL)
+    for row in rows:
+        if row["moved_to"] is not None:
+            metrics.TRANSITIONS.labels(State.RESUMING.value, row["moved_to"]).inc()
+    return {row["job_id"] for row in rows}

@@ -38,17 +38,29 @@ RUN_EVENT_FOR_STATE: dict[str, EventType] = {
 
 _TIMESTAMP = """to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
-# The body of a run event, from a row `b` shaped like blocked_runs (after its change).
-RUN_DATA_SQL = f"""jsonb_build_object(
-    'type', CAST(:notify_type AS text), 'timestamp', {_TIMESTAMP},
+
+def run_data_sql(
+    notify_type: str = "CAST(:notify_type AS text)",
+    event: str = "CAST(:event AS text)",
+    actor: str = "CAST(:actor AS text)",
+    reason: str = "CAST(:reason AS text)",
+) -> str:
+    """The body of a run event, from a row `b` shaped like blocked_runs (after its change),
+    with the event's type, event, actor and reason as SQL expressions (bound parameters by
+    default, or columns of `b` where each row has its own, as in a batch of resumes)."""
+    return f"""jsonb_build_object(
+    'type', {notify_type}, 'timestamp', {_TIMESTAMP},
     'data', jsonb_build_object(
         'blocked_run_id', b.id, 'run_id', b.run_id, 'agent_id', b.agent_id,
         'account_id', b.account_id, 'state', b.state, 'from_state', b.from_state,
-        'event', CAST(:event AS text), 'actor', CAST(:actor AS text),
-        'reason', CAST(:reason AS text),
+        'event', {event}, 'actor', {actor},
+        'reason', {reason},
         'error', CASE WHEN b.error_code IS NULL THEN NULL
                       ELSE jsonb_build_object('code', b.error_code, 'message', b.error_message)
                  END))"""
+
+
+RUN_DATA_SQL = run_data_sql()
 
 # Deliveries for the runs in `b` to their account's subscriptions to :notify_type. Used for
 # one run, and as a CTE of the set-based release (`b` is then its `moved` rows, all of one

@@ -120,6 +120,10 @@ def test_settings(port: int, mosaic_url: str, **overrides: Any) -> Settings:
         "give_up_after": 60,
         # Checkout polling is tested on its own; elsewhere it would add calls at random.
         "checkout_poll": 3600,
+        # Many services run at once (one per xdist worker, plus isolated stacks), each with an
+        # ORM pool and a plain asyncpg pool: small pools keep the suite under a default
+        # server's 100 connections.
+        "db_pool_size": 4,
     }
     return Settings(**(values | overrides))
 

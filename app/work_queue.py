@@ -258,19 +258,27 @@ async def enqueue_verification(
 # gets what its step needs to read first, in the same round trip: the Mosaic run id and how
 # many earlier episodes of that run ended resumed within the resume window since a person last
 # retried it (the resume-loop bound; the same count as `blocked_runs.repository.recent_resumes`).
+#
+# The due jobs are picked in a MATERIALIZED CTE, evaluated once. Written as
+# `UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`, the planner may rescan the
+# subquery once per row (a nested-loop semi join, chosen on a young table's estimates); each
+# rescan skips the rows this statement has just updated and locks the next n, so one claim
+# took every due job (thousands during a large release) and ran them all at once.
 _CLAIM = """
-WITH claimed AS (
+WITH picked AS MATERIALIZED (
+    SELECT id FROM jobs
+    WHERE status = 'pending' AND (locked_until IS NULL OR locked_until < now())
+      AND {condition}
+    ORDER BY run_after, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
     UPDATE jobs SET locked_until = now() + make_interval(secs => $1::float8), locked_by = $2,
                     attempts = attempts + 1
-    WHERE id IN (
-        SELECT id FROM jobs
-        WHERE status = 'pending' AND (locked_until IS NULL OR locked_until < now())
-          AND {condition}
-        ORDER BY run_after, id
-        LIMIT $3
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING id, kind, account_id, blocked_run_id, payload, attempts, give_up_at
+    FROM picked
+    WHERE jobs.id = picked.id
+    RETURNING jobs.id, jobs.kind, jobs.account_id, jobs.blocked_run_id, jobs.payload,
+              jobs.attempts, jobs.give_up_at
 )
 SELECT c.id, c.kind, c.account_id, c.blocked_run_id, c.payload, c.attempts, c.give_up_at,
        r.run_id AS mosaic_run_id, e.earlier

@@ -402,14 +402,17 @@ class ResumeOutcome:
 _FINISH_RESUMES = f"""
 WITH outcome AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[])
-        AS o(job_id, worker, event, to_state, reason, error_code, error_message)
+                         $6::text[], $7::text[], $8::text[])
+        AS o(job_id, worker, event, to_state, reason, error_code, error_message, notify_type)
 ), done AS (
     UPDATE jobs AS j SET status = 'done', finished_at = now(), locked_until = NULL
     FROM outcome AS o
-    WHERE j.id = o.job_id AND j.locked_by = o.worker AND j.status = 'pending'
+    -- `j.id = ANY(…)` lets the jobs be found by primary key: joined only to the unnested
+    -- outcomes, the planner hashed every pending job (10,000 in a large release) per batch.
+    WHERE j.id = ANY($1::bigint[]) AND j.id = o.job_id AND j.locked_by = o.worker
+      AND j.status = 'pending'
     RETURNING j.id AS job_id, j.blocked_run_id, o.event, o.to_state, o.reason, o.error_code,
-              o.error_message
+              o.error_message, o.notify_type
 ), moved AS (
     UPDATE blocked_runs AS r
     SET state = d.to_state, version = r.version + 1, updated_at = now(),
@@ -419,7 +422,7 @@ WITH outcome AS (
     FROM done AS d
     WHERE r.id = d.blocked_run_id AND r.state = 'resuming'
     RETURNING r.id, CAST('resuming' AS text) AS from_state, r.account_id, r.run_id, r.agent_id,
-              r.state, r.error_code, r.error_message, d.event, d.reason
+              r.state, r.error_code, r.error_message, d.event, d.reason, d.notify_type
 ), history AS (
     INSERT INTO blocked_run_history (blocked_run_id, from_state, to_state, event, actor, reason)
     SELECT id, from_state, state, event, 'system', reason FROM moved
@@ -429,15 +432,13 @@ WITH outcome AS (
     SELECT s.id, s.account_id, 'msg_' || replace(CAST(gen_random_uuid() AS text), '-', ''),
            b.notify_type, CAST(b.id AS text),
            {outbox.run_data_sql("b.notify_type", "b.event", "'system'", "b.reason")}
-    FROM (SELECT m.*, CASE m.state WHEN 'resumed' THEN 'run.resumed'
-                                   WHEN 'failed' THEN 'run.failed' END AS notify_type
-          FROM moved AS m) AS b
+    FROM moved AS b
     JOIN subscriptions AS s ON s.account_id = b.account_id
     WHERE s.status = 'active' AND b.notify_type = ANY(s.event_types)
     RETURNING 1
 )
 SELECT d.job_id, m.state AS moved_to, (SELECT count(*) FROM deliveries) AS delivered,
-       pg_notify($8, CAST(d.blocked_run_id AS text))
+       pg_notify($9, CAST(d.blocked_run_id AS text))
 FROM done AS d LEFT JOIN moved AS m ON m.id = d.blocked_run_id
 """
 
@@ -450,11 +451,21 @@ async def finish_resumes(db: Database, outcomes: list[ResumeOutcome]) -> set[int
     """
     if not outcomes:
         return set()
-    columns: list[list[Any]] = [[] for _ in range(7)]
+    columns: list[list[Any]] = [[] for _ in range(8)]
     for o in outcomes:
         target = target_of(State.RESUMING.value, o.event)
-        row = (o.job_id, o.worker_id, o.event.value, target.value, o.reason)
-        for column, value in zip(columns, (*row, o.error_code, o.error_message), strict=True):
+        # What the run's new state announces to subscribers comes from the outbox's own table.
+        row = (
+            o.job_id,
+            o.worker_id,
+            o.event.value,
+            target.value,
+            o.reason,
+            o.error_code,
+            o.error_message,
+            outbox.notify_type_for(target.value),
+        )
+        for column, value in zip(columns, row, strict=True):
             column.append(value)
     runs = sorted({o.blocked_run_id for o in outcomes})
     async with db.raw() as conn:

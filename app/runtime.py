@@ -71,10 +71,12 @@ class Runtime:
         cached = self._keys.get(account_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self.db.sessions() as session:
-            token = await session.scalar(
-                select(Account.mosaic_api_key_encrypted).where(Account.id == account_id)
-            )
+        # One indexed read on the plain pool (no session, no pre-ping): a step for an
+        # organization seen for the first time pays one round trip here.
+        pool = await self.db.driver_pool()
+        token = await pool.fetchval(
+            "SELECT mosaic_api_key_encrypted FROM accounts WHERE id = $1", account_id
+        )
         if token is None:
             raise LookupError(f"account {account_id} is gone")
         key = self.keyring.decrypt(token)

@@ -401,9 +401,13 @@ async def release_on(
     error_code: str | None = None,
     error_message: str | None = None,
     acting_run: uuid.UUID | None = None,
+    organization_announced: bool = False,
 ) -> int:
     """`release` on a plain asyncpg connection (`Database.raw()`), in the caller's transaction:
-    the same statement per target state, and the same NOTIFYs."""
+    the same statement per target state, and the same NOTIFYs (the organization's only if the
+    caller has not sent it in this transaction already; the workers' only if a run moved into
+    `resuming` or announced an outbound event, that is, if a job may have been recorded)."""
+    wake_workers = False
     moved = 0
     for target, sources in release_targets(event).items():
         binds = {
@@ -421,17 +425,20 @@ async def release_on(
             "give_up": give_up_after_seconds,
             "notify_type": outbox.notify_type_for(target.value),
         }
+        wake_workers |= target is State.RESUMING or binds["notify_type"] is not None
         for from_state, count in await conn.fetch(_RELEASE_ON.sql, *_RELEASE_ON.args(binds)):
             metrics.TRANSITIONS.labels(from_state, target.value).inc(count)
             moved += count
         if moved >= limit:
             break
-    if moved:
+    if moved and (wake_workers or not organization_announced):
         await conn.execute(
-            "SELECT pg_notify($1, $2), pg_notify($3, '')",
+            "SELECT pg_notify($1, $2) WHERE NOT $3 UNION ALL SELECT pg_notify($4, '') WHERE $5",
             RUN_EVENTS_CHANNEL,
             organization_key(account_id),
+            organization_announced,
             JOBS_CHANNEL,
+            wake_workers,
         )
     return moved
 

@@ -54,9 +54,12 @@ _CHANGEABLE = frozenset(c.name for c in Decision.__table__.columns) - {
     "state_changed_at",
 }
 
+# The account's stored (encrypted) Mosaic key comes along in the same round trip, for a step
+# whose organization's key is not cached (`Runtime.mosaic_key(..., encrypted=)`).
 _LOCK = (
-    "SELECT state, version, error_code, error_message FROM organization_decisions"
-    " WHERE account_id = $1 FOR NO KEY UPDATE"
+    "SELECT d.state, d.version, a.mosaic_api_key_encrypted AS key"
+    " FROM organization_decisions AS d JOIN accounts AS a ON a.id = d.account_id"
+    " WHERE d.account_id = $1 FOR NO KEY UPDATE OF d"
 )
 
 
@@ -65,6 +68,7 @@ class Locked:
     account_id: uuid.UUID
     state: str
     version: int
+    encrypted_key: str | None = None
 
 
 async def lock(conn: asyncpg.Connection, account_id: uuid.UUID) -> Locked:
@@ -76,7 +80,9 @@ async def lock(conn: asyncpg.Connection, account_id: uuid.UUID) -> Locked:
             account_id,
         )
         row = await conn.fetchrow(_LOCK, account_id)
-    return Locked(account_id, row["state"], row["version"])
+        if row is None:
+            raise LookupError(f"account {account_id} is gone")
+    return Locked(account_id, row["state"], row["version"], row["key"])
 
 
 @cache
@@ -192,6 +198,7 @@ async def decide(
         reason=f"the organization's decision: {event.value.replace('_', ' ')}",
         limit=release_limit,
         give_up_after_seconds=give_up_after_seconds,
+        organization_announced=True,  # by `move`, in this transaction
     )
     if moved >= release_limit:
         await conn.execute(

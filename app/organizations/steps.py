@@ -185,7 +185,7 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
         elif decision.state != DecisionState.CHECKING_PLAN:
             await finish_on(conn, job)  # nothing to check: the decision is past it
             return
-    api_key = await rt.mosaic_key(job.account_id)
+    api_key = await rt.mosaic_key(job.account_id, encrypted=decision.encrypted_key)
     reading = await _read_plan(rt, api_key, offers=True)
     if reading.plan.is_paid and not (reading.auto_topup and reading.auto_topup.enabled):
         # The top-up question is asked with its price: the plan list has the top-up rate.

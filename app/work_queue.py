@@ -386,9 +386,12 @@ async def finish(session: AsyncSession, job: ClaimedJob, *, status: str = "done"
 
 # `finish` as plain SQL for steps recorded on a plain asyncpg connection (`Database.raw()`), with
 # named binds :job_id, :worker and :seen (the job's `requests` as the attempt saw it, as jsonb
-# text): the same checks and the same outcome, usable alone or as the first CTE of a statement
-# that records the step's outcome only if this closed the job.
-FINISH_UPDATE = """
+# text): the same checks and the same outcome, usable alone or as a CTE of a statement that
+# records the step's outcome only if this closed the job (`also`: a further SQL condition, such
+# as the decision's lock having been taken first in that statement).
+def finish_update_sql(also: str = "") -> str:
+    again = "COALESCE(payload->'requests', 'null'::jsonb) <> CAST(CAST(:seen AS text) AS jsonb)"
+    return f"""
 UPDATE jobs SET
     status = CASE WHEN {again} THEN 'pending' ELSE 'done' END,
     finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
@@ -396,10 +399,9 @@ UPDATE jobs SET
     locked_by = CASE WHEN {again} THEN NULL ELSE locked_by END,
     locked_until = NULL
 WHERE id = CAST(:job_id AS bigint) AND locked_by = CAST(:worker AS text) AND status = 'pending'
+  {also}
 RETURNING status
-""".format(
-    again="COALESCE(payload->'requests', 'null'::jsonb) <> CAST(CAST(:seen AS text) AS jsonb)"
-)
+"""
 
 
 def finish_binds(job: ClaimedJob) -> dict[str, Any]:
@@ -410,7 +412,7 @@ def finish_binds(job: ClaimedJob) -> dict[str, Any]:
     }
 
 
-_FINISH_ALONE = compile_named(FINISH_UPDATE)
+_FINISH_ALONE = compile_named(finish_update_sql())
 
 
 async def finish_on(conn: asyncpg.Connection, job: ClaimedJob) -> bool:

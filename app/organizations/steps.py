@@ -38,7 +38,7 @@ from app.organizations.service import (
     release_runs,
     topup_cap,
 )
-from app.organizations.state_machine import DecisionState, update_fields
+from app.organizations.state_machine import TRANSITIONS, DecisionState, update_fields
 from app.runtime import Runtime
 from app.work_queue import (
     ClaimedJob,
@@ -52,6 +52,8 @@ from app.work_queue import (
 )
 
 CHOOSING = (DecisionState.AWAITING_CHOICE, DecisionState.AWAITING_CHECKOUT)
+# Where a newly blocked run opens a new round of the decision (from the decision's table).
+NEW_ROUND_FROM = frozenset(state for state, event in TRANSITIONS if event is Event.BLOCKED)
 
 
 def plan_view(plan: PlanState) -> dict[str, Any] | None:
@@ -167,13 +169,15 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
     the plain asyncpg pool (`app.organizations.recording`): the same locks, checks and rows as
     the ORM path the other steps take, in a few round trips.
     """
-    async with rt.db.raw() as conn:
-        decision = await recording.lock(conn, job.account_id)
-        if decision.state in (DecisionState.IDLE, DecisionState.DECIDED):
-            await recording.move(
+    # One statement, its own transaction: lock the decision, open a round if none is open.
+    pool = await rt.db.driver_pool()
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            opened = await recording.move(
                 conn,
-                decision,
+                job.account_id,
                 Event.BLOCKED,
+                froms=NEW_ROUND_FROM,
                 actor=SYSTEM,
                 reason="a blocked run made the organization's plan a question",
                 plans=None,
@@ -182,10 +186,22 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
                 error_code=None,
                 error_message=None,
             )
-        elif decision.state != DecisionState.CHECKING_PLAN:
+            if opened.state is not None:
+                break
+            # The account's first step: its decision row is made on first use.
+            await conn.execute(
+                "INSERT INTO organization_decisions (account_id) VALUES ($1)"
+                " ON CONFLICT DO NOTHING",
+                job.account_id,
+            )
+    if opened.state is None:
+        raise LookupError(f"account {job.account_id} is gone")
+    if not opened.moved and opened.state != DecisionState.CHECKING_PLAN:
+        async with rt.db.raw() as conn:
+            await recording.lock(conn, job.account_id)
             await finish_on(conn, job)  # nothing to check: the decision is past it
-            return
-    api_key = await rt.mosaic_key(job.account_id, encrypted=decision.encrypted_key)
+        return
+    api_key = await rt.mosaic_key(job.account_id, encrypted=opened.encrypted_key)
     reading = await _read_plan(rt, api_key, offers=True)
     if reading.plan.is_paid and not (reading.auto_topup and reading.auto_topup.enabled):
         # The top-up question is asked with its price: the plan list has the top-up rate.
@@ -201,14 +217,13 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
         }
     begin_recording(rt.settings.job_lease)
     async with rt.db.raw() as conn:
-        decision = await recording.lock(conn, job.account_id)
-        if decision.state != DecisionState.CHECKING_PLAN:
-            await finish_on(conn, job)
-            return
+        # The job closes whatever the decision's state; the decision moves (with its runs)
+        # only if it is still checking the plan.
         await recording.decide(
             conn,
-            decision,
+            job.account_id,
             event,
+            froms=(DecisionState.CHECKING_PLAN,),
             actor=SYSTEM,
             reason=reason,
             job=job,

@@ -153,3 +153,34 @@ async def test_a_check_records_the_move_its_runs_and_the_outbox_in_one_go() -> N
         assert payload["data"]["state"] == "awaiting_choice"
         assert payload["data"]["asks"] == ["choose_plan"]
         assert [p["id"] for p in payload["data"]["plans"]]
+
+
+async def test_a_round_opened_meanwhile_is_joined_not_opened_twice() -> None:
+    async with isolated_stack("check_plan_round_race", worker=False) as stack:
+        tenant = await make_tenant(stack.client, stack.mosaic, checkout=False)
+        rt = stack.service.runtime
+        run_id = await start_mosaic_run(stack.mosaic, tenant)
+        await blocked_run_for(stack.client, tenant, run_id)
+        (job,) = await claim_due(rt.db, "by-hand", limit=5, lease=rt.settings.job_lease)
+        account = uuid.UUID(tenant.account_id)
+        async with rt.db.transaction() as session:
+            # Another move holds the decision's lock and opens the round first; the step's
+            # statement waits on that lock and must see the round as it is once it commits.
+            decision = await decisions.lock(session, account)
+            assert decision.state == "idle"
+            await transition(session, decision, Event.BLOCKED, actor="test", reason="first")
+            step = asyncio.create_task(check_plan(rt, job))
+            await asyncio.sleep(0.5)
+            assert not step.done()
+        await step
+        facts = await _facts(stack, tenant, job.id)
+        assert facts == {
+            "decision": "awaiting_choice",
+            "job": ("done", "by-hand"),
+            "runs": ["awaiting_choice"],
+            "moves": ["blocked", "plan_free"],
+        }
+        async with rt.db.sessions() as session:
+            decision = await decisions.get(session, account)
+            assert decision is not None
+            assert decision.round == 1

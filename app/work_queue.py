@@ -303,8 +303,9 @@ async def _claim(
     resume_window: timedelta | None,
 ) -> list[ClaimedJob]:
     window = resume_window.total_seconds() if resume_window is not None else None
-    async with db.raw() as conn:
-        rows = await conn.fetch(statement, lease.total_seconds(), worker_id, limit, window, *args)
+    # One statement, its own transaction: no BEGIN/COMMIT round trips around it.
+    pool = await db.driver_pool()
+    rows = await pool.fetch(statement, lease.total_seconds(), worker_id, limit, window, *args)
     return [
         ClaimedJob(
             id=r["id"],

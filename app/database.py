@@ -8,11 +8,13 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -125,6 +127,24 @@ async def _end_open_transaction(conn: asyncpg.Connection) -> None:
     # Normally a no-op (no round trip): only a use cut off mid-commit leaves one open.
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """Plain SQL with named binds, compiled once for asyncpg (`Database.raw()`)."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [values[name] for name in self.names]
+
+
+def compile_named(sql: str) -> Compiled:
+    """SQLAlchemy's compiler turns `:name` binds into asyncpg's `$n` (the same number for a name
+    used twice), so raw statements read like the rest of the code's SQL."""
+    compiled = text(sql).compile(dialect=asyncpg_dialect.dialect())
+    return Compiled(compiled.string, tuple(compiled.positiontup or ()))
 
 
 class Database:

@@ -66,18 +66,26 @@ class Runtime:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def mosaic_key(self, account_id: uuid.UUID) -> str:
+    async def mosaic_key(self, account_id: uuid.UUID, *, encrypted: str | None = None) -> str:
+        """The account's Mosaic key, briefly cached; `encrypted`: its stored form, read by the
+        caller already (a cache miss then costs no round trip)."""
         now = time.monotonic()
         cached = self._keys.get(account_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self.db.sessions() as session:
-            token = await session.scalar(
-                select(Account.mosaic_api_key_encrypted).where(Account.id == account_id)
-            )
+        if encrypted is not None:
+            return self._remember_key(account_id, now, self.keyring.decrypt(encrypted))
+        # One indexed read on the plain pool (no session, no pre-ping): a step for an
+        # organization seen for the first time pays one round trip here.
+        pool = await self.db.driver_pool()
+        token = await pool.fetchval(
+            "SELECT mosaic_api_key_encrypted FROM accounts WHERE id = $1", account_id
+        )
         if token is None:
             raise LookupError(f"account {account_id} is gone")
-        key = self.keyring.decrypt(token)
+        return self._remember_key(account_id, now, self.keyring.decrypt(token))
+
+    def _remember_key(self, account_id: uuid.UUID, now: float, key: str) -> str:
         if len(self._keys) > KEY_CACHE_SIZE:
             self._keys.clear()
         self._keys[account_id] = (now + KEY_CACHE_SECONDS, key)

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+import asyncpg
 from sqlalchemy import case, cast, literal, text, update
 from sqlalchemy.dialects.postgresql import JSONB, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from app.blocked_runs.models import Job
-from app.database import Database
+from app.database import Database, compile_named
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
 
 
@@ -310,8 +311,9 @@ async def _claim(
     resume_window: timedelta | None,
 ) -> list[ClaimedJob]:
     window = resume_window.total_seconds() if resume_window is not None else None
-    async with db.raw() as conn:
-        rows = await conn.fetch(statement, lease.total_seconds(), worker_id, limit, window, *args)
+    # One statement, its own transaction: no BEGIN/COMMIT round trips around it.
+    pool = await db.driver_pool()
+    rows = await pool.fetch(statement, lease.total_seconds(), worker_id, limit, window, *args)
     return [
         ClaimedJob(
             id=r["id"],
@@ -389,6 +391,66 @@ async def finish(session: AsyncSession, job: ClaimedJob, *, status: str = "done"
         await notify(session, JOBS_CHANNEL)
         return False
     return True
+
+
+# `finish` as plain SQL for steps recorded on a plain asyncpg connection (`Database.raw()`), with
+# named binds :job_id, :worker and :seen (the job's `requests` as the attempt saw it, as jsonb
+# text): the same checks and the same outcome, usable alone or as a CTE of a statement that
+# records the step's outcome only if this closed the job (`also`: a further SQL condition, such
+# as the decision's lock having been taken first in that statement).
+def finish_update_sql(also: str = "") -> str:
+    again = "COALESCE(payload->'requests', 'null'::jsonb) <> CAST(CAST(:seen AS text) AS jsonb)"
+    return f"""
+UPDATE jobs SET
+    status = CASE WHEN {again} THEN 'pending' ELSE 'done' END,
+    finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
+    run_after = CASE WHEN {again} THEN now() ELSE run_after END,
+    locked_by = CASE WHEN {again} THEN NULL ELSE locked_by END,
+    locked_until = NULL
+WHERE id = CAST(:job_id AS bigint) AND locked_by = CAST(:worker AS text) AND status = 'pending'
+  {also}
+RETURNING status
+"""
+
+
+def finish_binds(job: ClaimedJob) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "worker": job.worker_id,
+        "seen": json.dumps(job.payload.get("requests")),
+    }
+
+
+_FINISH_ALONE = compile_named(finish_update_sql())
+
+
+async def finish_on(conn: asyncpg.Connection, job: ClaimedJob) -> bool:
+    """`finish` on a plain asyncpg connection, in the caller's transaction, with its NOTIFYs."""
+    outcome = await conn.fetchval(_FINISH_ALONE.sql, *_FINISH_ALONE.args(finish_binds(job)))
+    closed = finished(job, outcome)
+    await conn.execute(
+        "SELECT pg_notify($1, $2) WHERE $2 IS NOT NULL UNION ALL SELECT pg_notify($3, '') WHERE $4",
+        RUN_EVENTS_CHANNEL,
+        finish_key(job),
+        JOBS_CHANNEL,
+        not closed,
+    )
+    return closed
+
+
+def finished(job: ClaimedJob, outcome: str | None) -> bool:
+    """Whether a finish closed the job (False: asked for again, due now); LeaseLost if it found
+    the job no longer ours."""
+    if outcome is None:
+        raise LeaseLost(f"job {job.id} is no longer ours")
+    return outcome != "pending"
+
+
+def finish_key(job: ClaimedJob) -> str | None:
+    """What a finished job announces on the run-events channel, as `finish` does."""
+    if job.blocked_run_id is not None:
+        return str(job.blocked_run_id)
+    return organization_key(job.account_id) if job.kind in DECISION_STEPS else None
 
 
 async def reschedule(db: Database, job: ClaimedJob, *, delay: timedelta, error: str) -> None:

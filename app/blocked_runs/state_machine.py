@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import asyncpg
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
 from app.blocked_runs.models import BlockedRun, HistoryEntry
-from app.database import Database
+from app.database import Database, compile_named
 from app.errors import Conflict
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
 from app.subscriptions import outbox
@@ -325,6 +326,15 @@ SELECT from_state, count(*) AS moved FROM moved GROUP BY from_state
 _RELEASE = _RELEASE_SQL.format(outbox=outbox.RELEASE_CTE)
 
 
+def release_targets(event: Event) -> dict[State, list[str]]:
+    """Where `event` moves the runs waiting on a decision: target state -> source states."""
+    targets: dict[State, list[str]] = {}
+    for (source, on), target in TRANSITIONS.items():
+        if on is event and source in DECIDING_STATES:
+            targets.setdefault(target, []).append(source.value)
+    return targets
+
+
 async def release(
     session: AsyncSession,
     account_id: uuid.UUID,
@@ -345,12 +355,8 @@ async def release(
     its resume step in the same statement. The history names `actor` on the run a person acted
     through (`acting_run`); the others were moved by the system, on the organization's account.
     """
-    targets: dict[State, list[str]] = {}
-    for (source, on), target in TRANSITIONS.items():
-        if on is event and source in DECIDING_STATES:
-            targets.setdefault(target, []).append(source.value)
     moved = 0
-    for target, sources in targets.items():
+    for target, sources in release_targets(event).items():
         rows = await session.execute(
             text(_RELEASE),
             {
@@ -377,6 +383,63 @@ async def release(
     if moved:
         await notify(session, RUN_EVENTS_CHANNEL, organization_key(account_id))
         await notify(session, JOBS_CHANNEL)
+    return moved
+
+
+_RELEASE_ON = compile_named(_RELEASE)
+
+
+async def release_on(
+    conn: asyncpg.Connection,
+    account_id: uuid.UUID,
+    event: Event,
+    *,
+    actor: str,
+    reason: str,
+    limit: int,
+    give_up_after_seconds: float,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    acting_run: uuid.UUID | None = None,
+    organization_announced: bool = False,
+) -> int:
+    """`release` on a plain asyncpg connection (`Database.raw()`), in the caller's transaction:
+    the same statement per target state, and the same NOTIFYs (the organization's only if the
+    caller has not sent it in this transaction already; the workers' only if a run moved into
+    `resuming` or announced an outbound event, that is, if a job may have been recorded)."""
+    wake_workers = False
+    moved = 0
+    for target, sources in release_targets(event).items():
+        binds = {
+            "account_id": account_id,
+            "froms": sorted(sources),
+            "limit": limit - moved,
+            "to_state": target.value,
+            "event": event.value,
+            "actor": actor,
+            "acting_run": acting_run,
+            "reason": reason,
+            "error_code": error_code,
+            "error_message": error_message,
+            "resume": JobKind.RESUME.value,
+            "give_up": give_up_after_seconds,
+            "notify_type": outbox.notify_type_for(target.value),
+        }
+        wake_workers |= target is State.RESUMING or binds["notify_type"] is not None
+        for from_state, count in await conn.fetch(_RELEASE_ON.sql, *_RELEASE_ON.args(binds)):
+            metrics.TRANSITIONS.labels(from_state, target.value).inc(count)
+            moved += count
+        if moved >= limit:
+            break
+    if moved and (wake_workers or not organization_announced):
+        await conn.execute(
+            "SELECT pg_notify($1, $2) WHERE NOT $3 UNION ALL SELECT pg_notify($4, '') WHERE $5",
+            RUN_EVENTS_CHANNEL,
+            organization_key(account_id),
+            organization_announced,
+            JOBS_CHANNEL,
+            wake_workers,
+        )
     return moved
 
 

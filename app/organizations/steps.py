@@ -28,10 +28,17 @@ from app.mosaic import (
     PlanState,
     UpgradeResult,
 )
-from app.organizations import repository, spend_guard
+from app.organizations import recording, repository, spend_guard
 from app.organizations.models import Decision
-from app.organizations.service import RELEASE_BATCH, SYSTEM, decide, release_runs, topup_cap
-from app.organizations.state_machine import DecisionState, transition, update_fields
+from app.organizations.service import (
+    INLINE_RELEASE,
+    RELEASE_BATCH,
+    SYSTEM,
+    decide,
+    release_runs,
+    topup_cap,
+)
+from app.organizations.state_machine import TRANSITIONS, DecisionState, update_fields
 from app.runtime import Runtime
 from app.work_queue import (
     ClaimedJob,
@@ -40,10 +47,13 @@ from app.work_queue import (
     begin_recording,
     enqueue_decision_job,
     finish,
+    finish_on,
     note,
 )
 
 CHOOSING = (DecisionState.AWAITING_CHOICE, DecisionState.AWAITING_CHECKOUT)
+# Where a newly blocked run opens a new round of the decision (from the decision's table).
+NEW_ROUND_FROM = frozenset(state for state, event in TRANSITIONS if event is Event.BLOCKED)
 
 
 def plan_view(plan: PlanState) -> dict[str, Any] | None:
@@ -104,18 +114,9 @@ async def _read_plan(rt: Runtime, api_key: str, *, offers: bool) -> _Reading:
     return _Reading(plan, None, await rt.mosaic.list_plans(api_key) if offers else [])
 
 
-async def _on_paid(
-    rt: Runtime,
-    session: AsyncSession,
-    decision: Decision,
-    reading: _Reading,
-    *,
-    event: Event,
-    actor: str,
-    why: str,
-    acting_run: uuid.UUID | None = None,
-) -> None:
-    """Mosaic shows a paid plan: to the top-up question, or decided if auto top-up is on."""
+def _paid_move(reading: _Reading, *, event: Event, why: str) -> tuple[Event, str, dict[str, Any]]:
+    """Mosaic shows a paid plan: to the top-up question, or decided if auto top-up is on (the
+    event, the reason and the decision's new data; `decided_at` as `recording.NOW`)."""
     topup = topup_view(reading.plan_id, reading.auto_topup)
     changes: dict[str, Any] = {
         "plan": plan_view(reading.plan),
@@ -128,40 +129,55 @@ async def _on_paid(
     if reading.offers:
         changes["plans"] = [o.model_dump(mode="json") for o in reading.offers]
     if topup["enabled"]:
-        await decide(
-            rt,
-            session,
-            decision,
-            Event.PLAN_PAID_TOPUP_ON,
-            actor=actor,
-            acting_run=acting_run,
-            reason=f"{why} {reading.plan_id}, auto top-up already on",
-            decided_at=func.now(),
-            **changes,
-        )
-    else:
-        await decide(
-            rt,
-            session,
-            decision,
-            event,
-            actor=actor,
-            acting_run=acting_run,
-            reason=f"{why} {reading.plan_id}",
-            **changes,
-        )
+        changes["decided_at"] = recording.NOW
+        reason = f"{why} {reading.plan_id}, auto top-up already on"
+        return Event.PLAN_PAID_TOPUP_ON, reason, changes
+    return event, f"{why} {reading.plan_id}", changes
+
+
+async def _on_paid(
+    rt: Runtime,
+    session: AsyncSession,
+    decision: Decision,
+    reading: _Reading,
+    *,
+    event: Event,
+    actor: str,
+    why: str,
+    acting_run: uuid.UUID | None = None,
+) -> None:
+    """Mosaic shows a paid plan: to the top-up question, or decided if auto top-up is on."""
+    event, reason, changes = _paid_move(reading, event=event, why=why)
+    orm_changes = {k: func.now() if v is recording.NOW else v for k, v in changes.items()}
+    await decide(
+        rt,
+        session,
+        decision,
+        event,
+        actor=actor,
+        acting_run=acting_run,
+        reason=reason,
+        **orm_changes,
+    )
 
 
 async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
     """Open a round of the decision, then GET /plan; free → GET /plan/list and offer plans;
-    paid → GET /credits for auto top-up."""
-    async with rt.db.transaction() as session:
-        decision = await repository.lock(session, job.account_id)
-        if decision.state in (DecisionState.IDLE, DecisionState.DECIDED):
-            await transition(
-                session,
-                decision,
+    paid → GET /credits for auto top-up.
+
+    The busiest step (one per newly blocked organization), so both of its transactions run on
+    the plain asyncpg pool (`app.organizations.recording`): the same locks, checks and rows as
+    the ORM path the other steps take, in a few round trips.
+    """
+    # One statement, its own transaction: lock the decision, open a round if none is open.
+    pool = await rt.db.driver_pool()
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            opened = await recording.move(
+                conn,
+                job.account_id,
                 Event.BLOCKED,
+                froms=NEW_ROUND_FROM,
                 actor=SYSTEM,
                 reason="a blocked run made the organization's plan a question",
                 plans=None,
@@ -170,34 +186,50 @@ async def check_plan(rt: Runtime, job: ClaimedJob) -> None:
                 error_code=None,
                 error_message=None,
             )
-        elif decision.state != DecisionState.CHECKING_PLAN:
-            await finish(session, job)  # nothing to check: the decision is past it
-            return
-    api_key = await rt.mosaic_key(job.account_id)
+            if opened.state is not None:
+                break
+            # The account's first step: its decision row is made on first use.
+            await conn.execute(
+                "INSERT INTO organization_decisions (account_id) VALUES ($1)"
+                " ON CONFLICT DO NOTHING",
+                job.account_id,
+            )
+    if opened.state is None:
+        raise LookupError(f"account {job.account_id} is gone")
+    if not opened.moved and opened.state != DecisionState.CHECKING_PLAN:
+        async with rt.db.raw() as conn:
+            await recording.lock(conn, job.account_id)
+            await finish_on(conn, job)  # nothing to check: the decision is past it
+        return
+    api_key = await rt.mosaic_key(job.account_id, encrypted=opened.encrypted_key)
     reading = await _read_plan(rt, api_key, offers=True)
     if reading.plan.is_paid and not (reading.auto_topup and reading.auto_topup.enabled):
         # The top-up question is asked with its price: the plan list has the top-up rate.
         reading.offers = await rt.mosaic.list_plans(api_key)
+    if reading.plan.is_paid:
+        event, reason, changes = _paid_move(reading, event=Event.PLAN_PAID, why="paid plan")
+    else:
+        event, reason = Event.PLAN_FREE, "the organization is on no paid plan"
+        changes = {
+            "plan": plan_view(reading.plan),
+            "plans": [o.model_dump(mode="json") for o in reading.offers],
+            "topup": topup_view(None, None),
+        }
     begin_recording(rt.settings.job_lease)
-    async with rt.db.transaction() as session:
-        decision = await repository.lock(session, job.account_id)
-        if not await finish(session, job) or decision.state != DecisionState.CHECKING_PLAN:
-            return
-        if reading.plan.is_paid:
-            await _on_paid(
-                rt, session, decision, reading, event=Event.PLAN_PAID, actor=SYSTEM, why="paid plan"
-            )
-            return
-        await decide(
-            rt,
-            session,
-            decision,
-            Event.PLAN_FREE,
+    async with rt.db.raw() as conn:
+        # The job closes whatever the decision's state; the decision moves (with its runs)
+        # only if it is still checking the plan.
+        await recording.decide(
+            conn,
+            job.account_id,
+            event,
+            froms=(DecisionState.CHECKING_PLAN,),
             actor=SYSTEM,
-            reason="the organization is on no paid plan",
-            plan=plan_view(reading.plan),
-            plans=[o.model_dump(mode="json") for o in reading.offers],
-            topup=topup_view(None, None),
+            reason=reason,
+            job=job,
+            release_limit=INLINE_RELEASE,
+            give_up_after_seconds=rt.settings.give_up_after.total_seconds(),
+            **changes,
         )
 
 

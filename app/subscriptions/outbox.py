@@ -88,14 +88,12 @@ WITH history AS (
     account="",
 )
 
-_DECISION = f"""
-WITH history AS (
-    INSERT INTO organization_decision_history
-        (account_id, round, from_state, to_state, event, actor, reason)
-    VALUES (CAST(:account_id AS uuid), CAST(:round AS integer), CAST(:from_state AS text),
-            CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
-            CAST(:reason AS text))
-)
+
+def decision_deliveries_sql(decisions: str = "organization_decisions") -> str:
+    """`decision.needed` for the account's subscribers, from a row `d` of `decisions` shaped like
+    organization_decisions after its move (the table, or the RETURNING rows of the move's own
+    statement), with :account_id, :notify_type, :asks, :event and :actor bound."""
+    return f"""
 INSERT INTO notification_deliveries
     (subscription_id, account_id, message_id, event_type, ordering_key, payload)
 SELECT s.id, s.account_id, 'msg_' || replace(CAST(gen_random_uuid() AS text), '-', ''),
@@ -111,10 +109,20 @@ SELECT s.id, s.account_id, 'msg_' || replace(CAST(gen_random_uuid() AS text), '-
                              ELSE jsonb_build_object('code', d.error_code,
                                                      'message', d.error_message)
                         END))
-FROM subscriptions AS s JOIN organization_decisions AS d ON d.account_id = s.account_id
+FROM subscriptions AS s JOIN {decisions} AS d ON d.account_id = s.account_id
 WHERE s.account_id = CAST(:account_id AS uuid) AND s.status = 'active'
   AND CAST(:notify_type AS text) = ANY(s.event_types)
 """
+
+
+_DECISION = """
+WITH history AS (
+    INSERT INTO organization_decision_history
+        (account_id, round, from_state, to_state, event, actor, reason)
+    VALUES (CAST(:account_id AS uuid), CAST(:round AS integer), CAST(:from_state AS text),
+            CAST(:to_state AS text), CAST(:event AS text), CAST(:actor AS text),
+            CAST(:reason AS text))
+)""" + decision_deliveries_sql()
 
 
 async def record_history_and_event(

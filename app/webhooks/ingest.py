@@ -14,16 +14,13 @@ nothing, and the general path in `app.webhooks.service` takes it, with the same 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 from app import metrics
 from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, target_of
-from app.database import Database
+from app.database import Compiled, Database, compile_named
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL
 from app.organizations.service import join_moves
 from app.organizations.state_machine import DecisionState
@@ -43,22 +40,6 @@ _CONNECTION_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    sql: str
-    names: tuple[str, ...]
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        return [values[name] for name in self.names]
-
-
-def _compile(sql: str) -> _Compiled:
-    # SQLAlchemy's compiler turns the named binds into asyncpg's $n (the same number for a name
-    # used twice), so the statements read like the rest of the code's SQL.
-    compiled = text(sql).compile(dialect=asyncpg_dialect.dialect())
-    return _Compiled(compiled.string, tuple(compiled.positiontup or ()))
-
-
 _FIRST_STATE = target_of(None, Event.BLOCKED)
 _MOVES = join_moves()
 # Decision states a newly blocked run joins in this statement; `decided` is left to the general
@@ -69,7 +50,7 @@ _JOINABLE = [DecisionState.IDLE.value, DecisionState.CHECKING_PLAN.value] + [
 _BLOCKED_RUN = """(SELECT r.id, r.run_id, r.agent_id, r.account_id, r.error_code, r.error_message,
         CAST(:first_state AS text) AS state, CAST(NULL AS text) AS from_state FROM opened AS r)"""
 
-_OPEN_FIRST_BLOCK = _compile(
+_OPEN_FIRST_BLOCK = compile_named(
     """
 WITH decision AS (
     -- Held still (FOR SHARE, as every joining run holds it) while the run joins it as it is.
@@ -144,11 +125,11 @@ SELECT (SELECT count(*) FROM eligible) AS eligible,
 """
 )
 
-_MARK_DUPLICATE = _compile(
+_MARK_DUPLICATE = compile_named(
     "UPDATE webhook_events SET outcome = 'duplicate' WHERE id = CAST(:event_id AS bigint)"
 )
 
-_AWAITING_NEWS = _compile(
+_AWAITING_NEWS = compile_named(
     """
 SELECT EXISTS (
     SELECT 1 FROM blocked_runs
@@ -159,7 +140,7 @@ SELECT EXISTS (
 _NEWS_STATES = sorted(s.value for s in ACTIVE_STATES if s is not State.RESUMING)
 
 
-async def _run(db: Database, statement: _Compiled, values: dict[str, Any]) -> asyncpg.Record:
+async def _run(db: Database, statement: Compiled, values: dict[str, Any]) -> asyncpg.Record:
     pool = await db.driver_pool()
     for attempt in (1, 2):
         async with pool.acquire() as conn:

@@ -357,24 +357,20 @@ async def release(
     """
     moved = 0
     for target, sources in release_targets(event).items():
-        rows = await session.execute(
-            text(_RELEASE),
-            {
-                "account_id": account_id,
-                "froms": sorted(sources),
-                "limit": limit - moved,
-                "to_state": target.value,
-                "event": event.value,
-                "actor": actor,
-                "acting_run": acting_run,
-                "reason": reason,
-                "error_code": error_code,
-                "error_message": error_message,
-                "resume": JobKind.RESUME.value,
-                "give_up": give_up_after_seconds,
-                "notify_type": outbox.notify_type_for(target.value),
-            },
+        binds = _release_binds(
+            account_id,
+            event,
+            target,
+            sources,
+            limit - moved,
+            actor=actor,
+            reason=reason,
+            give_up_after_seconds=give_up_after_seconds,
+            error_code=error_code,
+            error_message=error_message,
+            acting_run=acting_run,
         )
+        rows = await session.execute(text(_RELEASE), binds)
         for from_state, count in rows.all():
             metrics.TRANSITIONS.labels(from_state, target.value).inc(count)
             moved += count
@@ -387,6 +383,38 @@ async def release(
 
 
 _RELEASE_ON = compile_named(_RELEASE)
+
+
+def _release_binds(
+    account_id: uuid.UUID,
+    event: Event,
+    target: State,
+    sources: list[str],
+    limit: int,
+    *,
+    actor: str,
+    reason: str,
+    give_up_after_seconds: float,
+    error_code: str | None,
+    error_message: str | None,
+    acting_run: uuid.UUID | None,
+) -> dict[str, Any]:
+    """The values of one `_RELEASE` statement (one target state), for either connection."""
+    return {
+        "account_id": account_id,
+        "froms": sorted(sources),
+        "limit": limit,
+        "to_state": target.value,
+        "event": event.value,
+        "actor": actor,
+        "acting_run": acting_run,
+        "reason": reason,
+        "error_code": error_code,
+        "error_message": error_message,
+        "resume": JobKind.RESUME.value,
+        "give_up": give_up_after_seconds,
+        "notify_type": outbox.notify_type_for(target.value),
+    }
 
 
 async def release_on(
@@ -410,21 +438,19 @@ async def release_on(
     wake_workers = False
     moved = 0
     for target, sources in release_targets(event).items():
-        binds = {
-            "account_id": account_id,
-            "froms": sorted(sources),
-            "limit": limit - moved,
-            "to_state": target.value,
-            "event": event.value,
-            "actor": actor,
-            "acting_run": acting_run,
-            "reason": reason,
-            "error_code": error_code,
-            "error_message": error_message,
-            "resume": JobKind.RESUME.value,
-            "give_up": give_up_after_seconds,
-            "notify_type": outbox.notify_type_for(target.value),
-        }
+        binds = _release_binds(
+            account_id,
+            event,
+            target,
+            sources,
+            limit - moved,
+            actor=actor,
+            reason=reason,
+            give_up_after_seconds=give_up_after_seconds,
+            error_code=error_code,
+            error_message=error_message,
+            acting_run=acting_run,
+        )
         wake_workers |= target is State.RESUMING or binds["notify_type"] is not None
         for from_state, count in await conn.fetch(_RELEASE_ON.sql, *_RELEASE_ON.args(binds)):
             metrics.TRANSITIONS.labels(from_state, target.value).inc(count)

@@ -51,7 +51,14 @@ def configure(level: str = "INFO", fmt: LogFormat = LogFormat.CONSOLE) -> None:
     if fmt is LogFormat.JSON:
         renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = [structlog.dev.ConsoleRenderer(colors=False)]
+        # A plain traceback. The default, when `rich` is installed (typer brings it), renders
+        # every frame's local variables: secrets such as a Mosaic key in the log, and seconds
+        # of CPU on the event loop for one error while the answer waits.
+        renderer = [
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],

@@ -486,6 +486,11 @@ def backoff(
 
 T = TypeVar("T")
 
+# Set in the worker loop: its steps hand their outcome to a group commit without waiting for it
+# (`GroupCommit.submit`). A request's immediate attempt (`worker.attempt_now`) waits, so the
+# person's answer shows the outcome.
+detached_recording: ContextVar[bool] = ContextVar("detached_recording", default=False)
+
 
 class GroupCommit(Generic[T]):
     """Record many steps' outcomes in one transaction: a group commit.
@@ -501,6 +506,12 @@ class GroupCommit(Generic[T]):
     A step whose time box ends while it waits stops waiting; its outcome may still commit
     (then the job is closed and its reschedule finds nothing to do) or not (then its retry
     reads Mosaic first), never half.
+
+    The worker's own steps do not wait (`submit`, see `detached_recording`): a step frees its
+    slot once Mosaic has answered, so the next claims call Mosaic while the outcomes commit, and
+    a batch can hold more outcomes than there are slots. An outcome that then fails to commit
+    (its connection lost, the process killed) leaves its job leased: when the lease runs out the
+    job is claimed again, and a retried step reads Mosaic before any write.
     """
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[set[int]]], *, limit: int) -> None:
@@ -510,12 +521,22 @@ class GroupCommit(Generic[T]):
         self._writer: asyncio.Task[None] | None = None
 
     async def record(self, job_id: int, outcome: T) -> None:
-        waiter = asyncio.get_running_loop().create_future()
+        """Hand an outcome over and wait until it is committed (LeaseLost if not ours)."""
+        await self.submit(job_id, outcome)
+
+    def submit(self, job_id: int, outcome: T) -> asyncio.Future[None]:
+        """Hand an outcome over; the future ends when it is committed (or refused, or failed)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((job_id, outcome, waiter))
         if self._writer is None or self._writer.done():
             # Its own context: the writer serves every step of the batch, not the first one.
             self._writer = asyncio.create_task(self._write(), context=Context())
-        await waiter
+        return waiter
+
+    async def drain(self) -> None:
+        """Wait for the outcomes handed over so far to be written (bound it with a timeout)."""
+        if self._writer is not None and not self._writer.done():
+            await asyncio.wait({self._writer})
 
     async def _write(self) -> None:
         # Outcomes that arrive in this same turn of the loop join the first batch.

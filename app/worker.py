@@ -23,6 +23,7 @@ from app.blocked_runs import repository
 from app.blocked_runs.models import BlockedRun
 from app.blocked_runs.state_machine import ACTIVE_STATES, Event, release, transition
 from app.blocked_runs.steps import HANDLERS as RUN_STEPS
+from app.blocked_runs.steps import recorder as resume_recorder
 from app.mosaic import MosaicError
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, next_change_of
 from app.organizations import repository as organizations_repository
@@ -47,6 +48,7 @@ from app.work_queue import (
     backoff,
     claim_due,
     claim_job,
+    detached_recording,
     finish,
     organization_key,
     reschedule,
@@ -275,7 +277,7 @@ class Worker:
                             resume_window=settings.resume_window,
                         )
                     for job in claimed:
-                        task = asyncio.create_task(execute(self.rt, job), name=f"job-{job.id}")
+                        task = asyncio.create_task(self._step(job), name=f"job-{job.id}")
                         self._running.add(task)
                         task.add_done_callback(self._slot_freed)
                     if claimed and len(claimed) == free:
@@ -285,8 +287,18 @@ class Worker:
                 await self._idle(wake, stop, settings.poll_interval.total_seconds())
         if self._running:
             await asyncio.wait(self._running, timeout=settings.job_lease.total_seconds())
+        # Outcomes handed over and not yet written; one left behind is retried after its lease.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.job_lease.total_seconds()):
+                await resume_recorder(self.rt).drain()
         await upkeep
         log.info("worker %s stopped", self.worker_id)
+
+    async def _step(self, job: ClaimedJob) -> None:
+        # This loop's steps free their slot once Mosaic has answered: a resume's outcome is
+        # the group commit's to write (work_queue.GroupCommit, `detached_recording`).
+        detached_recording.set(True)  # in this step's own task context only
+        await execute(self.rt, job)
 
     def _slot_freed(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

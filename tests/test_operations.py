@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,11 +20,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import structlog
 from sqlalchemy.engine import make_url
 from test_cli import env_for, unblock
 
+from app import log as log_config
 from app import maintenance, migrations
 from app.main import create_app
+from app.settings import LogFormat
 from app.startup import expected_revisions
 from conftest import (
     _admin_url,
@@ -460,6 +464,36 @@ async def test_json_logs_carry_request_step_and_mosaic_context_and_no_secrets() 
     everything = "\n".join(serve.lines)
     assert tenant.mosaic_key not in everything
     assert tenant.webhook_secret not in everything
+
+
+async def test_console_logs_print_a_plain_traceback_without_local_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unhandled error's traceback names the frames, never their variables: a Mosaic key in
+    a frame stays out of the log, and rendering one error costs no seconds of the event loop."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_structlog = structlog.get_config()
+    secret = "mk_live_" + uuid.uuid4().hex
+
+    def call_mosaic(api_key: str) -> None:
+        raise RuntimeError("Mosaic is unreachable")
+
+    try:
+        log_config.configure("INFO", LogFormat.CONSOLE)
+        try:
+            call_mosaic(secret)
+        except RuntimeError:
+            logging.getLogger("app.errors").exception("unhandled error")
+    finally:
+        root.handlers, root.level = saved_handlers, saved_level
+        structlog.configure(**saved_structlog)
+    err = capsys.readouterr().err
+    assert "unhandled error" in err
+    assert "Traceback (most recent call last)" in err
+    assert "in call_mosaic" in err
+    assert "RuntimeError: Mosaic is unreachable" in err
+    assert secret not in err
 
 
 # --------------------------------------------------------------------------------------------

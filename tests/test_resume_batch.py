@@ -18,10 +18,11 @@ from app.blocked_runs.state_machine import ResumeOutcome
 from app.blocked_runs.steps import recorder
 from app.runtime import Runtime
 from app.work_queue import ClaimedJob, JobKind, claim_due
-from app.worker import execute
+from app.worker import Worker, execute
 from conftest import (
     Stack,
     Tenant,
+    eventually,
     isolated_stack,
     make_tenant,
     mosaic_calls,
@@ -203,3 +204,65 @@ async def test_a_lease_lost_mid_batch_drops_that_outcome_and_resumes_nobody_twic
         for blocked_id, run_id in runs.items():
             assert (await sandbox_run(stack.mosaic, run_id))["resumes"] == 1
             assert (await _history_events(rt, blocked_id)).count("resume_accepted") == 1
+
+
+async def test_the_worker_frees_slots_before_commit_and_a_lost_write_is_retried_by_a_read() -> None:
+    """In the worker loop a resume hands its outcome to the group commit and frees its slot: with
+    one slot, the next runs are resumed while the first outcome's write is still held. When that
+    write then fails (as a lost connection would), its job stays leased; once the lease runs out
+    it is claimed again, reads the run first and never POSTs a second time."""
+    async with isolated_stack(
+        "resume_batch_detached", worker=False, job_lease=3, worker_concurrency=1
+    ) as stack:
+        tenant, runs = await _runs_resuming(stack)
+        rt = stack.service.runtime
+        group = recorder(rt)
+        write: Callable[[list[ResumeOutcome]], Awaitable[set[int]]] = group._flush
+        held = asyncio.Event()
+        failed: list[int] = []
+
+        async def first_write_held_then_lost(outcomes: list[ResumeOutcome]) -> set[int]:
+            if not failed:
+                failed.extend(o.job_id for o in outcomes)
+                await held.wait()
+                raise ConnectionResetError("the connection was lost mid-commit")
+            return await write(outcomes)
+
+        group._flush = first_write_held_then_lost
+        stop = asyncio.Event()
+        worker = asyncio.create_task(Worker(rt).run(stop))
+        try:
+            # Every run is resumed at Mosaic while the first write has not ended.
+            async def all_posted() -> bool:
+                return len(await _resume_posts(stack, tenant)) == len(runs)
+
+            await eventually(all_posted, what="every run resumed while the first write is held")
+            assert len(failed) == 1
+            assert not held.is_set()
+            held.set()
+            for blocked_id in runs:
+                await wait_for_state(stack.client, tenant, blocked_id, "resumed", timeout=30)
+        finally:
+            held.set()
+            stop.set()
+            await worker
+        posts = await _resume_posts(stack, tenant)
+        assert posts == Counter({run_id: 1 for run_id in runs.values()})
+        async with rt.db.sessions() as session:
+            lost_job = (
+                await session.execute(
+                    text(
+                        "SELECT j.attempts, b.run_id FROM jobs AS j"
+                        " JOIN blocked_runs AS b ON b.id = j.blocked_run_id WHERE j.id = :id"
+                    ),
+                    {"id": failed[0]},
+                )
+            ).one()
+        reads = [
+            path
+            for method, path in await mosaic_calls(stack.mosaic, tenant)
+            if method == "GET" and path == f"/agent_run/{lost_job.run_id}"
+        ]
+        # The job whose outcome was lost ran again after its lease and read its run first.
+        assert lost_job.attempts == 2
+        assert reads

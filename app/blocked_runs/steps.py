@@ -9,18 +9,29 @@ cancelled meanwhile), and applies the outcome through the state machine's set-ba
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from functools import partial
 from typing import cast
 
+from app import metrics
 from app.blocked_runs import repository
 from app.blocked_runs.models import BlockedRun
 from app.blocked_runs.state_machine import Event, ResumeOutcome, finish_resumes
 from app.mosaic import MosaicError
 from app.runtime import Runtime
-from app.work_queue import ClaimedJob, GroupCommit, JobKind, begin_recording
+from app.work_queue import (
+    ClaimedJob,
+    GroupCommit,
+    JobKind,
+    LeaseLost,
+    begin_recording,
+    detached_recording,
+)
 
 SYSTEM = "system"
+log = logging.getLogger(__name__)
 
 
 RESUMED_STATUSES = frozenset({"running", "completed"})
@@ -115,11 +126,33 @@ async def _finish_resume(
 ) -> None:
     """Close the job and, if its run is still resuming, move the run: with other steps'
     outcomes in one transaction (`state_machine.finish_resumes`); LeaseLost if not ours."""
-    begin_recording(rt.settings.job_lease)
     outcome = ResumeOutcome(
         job.id, job.worker_id, _run_id(job), event, reason, error_code, error_message
     )
+    if detached_recording.get():
+        # In the worker loop the slot frees now; the group commit owns the outcome.
+        recorder(rt).submit(job.id, outcome).add_done_callback(partial(_recorded, job))
+        return
+    begin_recording(rt.settings.job_lease)
     await recorder(rt).record(job.id, outcome)
+
+
+def _recorded(job: ClaimedJob, done: asyncio.Future[None]) -> None:
+    """How a detached outcome's commit went: the log and metrics `execute` would have written."""
+    if done.cancelled():
+        return
+    exc = done.exception()
+    if isinstance(exc, LeaseLost):
+        metrics.JOBS.labels(job.kind, "lease_lost").inc()
+        log.info("job %s (%s): lease lost or cancelled; outcome dropped", job.id, job.kind)
+    elif exc is not None:
+        # The job stays leased; when the lease runs out it is claimed again and reads first.
+        log.warning(
+            "job %s (%s): its outcome was not recorded (%s); retried after its lease",
+            job.id,
+            job.kind,
+            exc,
+        )
 
 
 def _run_id(job: ClaimedJob) -> uuid.UUID:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -117,6 +119,35 @@ def _allowed_methods(request: Request) -> str | None:
     return ", ".join(sorted(allowed)) or None
 
 
+# What says PostgreSQL cannot be reached (down, restarting, refusing, every pooled connection
+# busy), as opposed to a statement that failed.
+_UNREACHABLE = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    sqlalchemy.exc.TimeoutError,
+)
+# How long a client waits before trying again while the database is unreachable.
+DATABASE_RETRY_AFTER = "2"
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps: SQLAlchemy keeps the driver's error as its cause) says
+    the database cannot be reached."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _UNREACHABLE):
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
@@ -132,6 +163,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if database_unreachable(exc):
+            # Nothing was done (a webhook was not stored): the caller should retry, as Mosaic
+            # does with any answer but 2xx. One line, not a traceback per request of an outage.
+            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+            return problem(
+                503,
+                "database_unavailable",
+                "The database is unavailable; try again shortly.",
+                headers={"Retry-After": DATABASE_RETRY_AFTER},
+            )
         # Logged in full by the server; the caller gets no internals.
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "internal_error", "Something went wrong on our side.")

@@ -23,9 +23,9 @@ from app.errors import PROBLEM_JSON
 
 SCHEMAS = "#/components/schemas/"
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-# Statuses any route may answer whatever it does: the edge's body limit and rate limit, and a
-# failure of ours.
-GLOBAL_PROBLEMS = (413, 429, 500)
+# Statuses any route may answer whatever it does: the edge's body limit and rate limit, a
+# failure of ours, and the database out of reach.
+GLOBAL_PROBLEMS = (413, 429, 500, 503)
 _DESCRIPTIONS = {
     400: "The body is not JSON (`bad_request`, `invalid_json`).",
     401: "No valid credentials (`missing_token`, `invalid_token`, `token_expired`, "
@@ -39,6 +39,8 @@ _DESCRIPTIONS = {
     "is not acceptable now (e.g. `plan_not_offered`).",
     429: "Too many requests; wait for `Retry-After`.",
     500: "Something went wrong on our side; nothing internal is shown.",
+    503: "The database is unavailable (`database_unavailable`): nothing was done; retry after "
+    "`Retry-After`.",
 }
 
 
@@ -78,6 +80,7 @@ class ProblemCode(StrEnum):
     MALFORMED_WEBHOOK = "malformed_webhook"
     TOO_MANY_REQUESTS = "too_many_requests"
     INTERNAL_ERROR = "internal_error"
+    DATABASE_UNAVAILABLE = "database_unavailable"
     ERROR = "error"
     ACCOUNT_REQUIRED = "account_required"
     DELIVERY_NOT_FOUND = "delivery_not_found"

@@ -151,7 +151,17 @@ async def start_service(database_url: str, settings: Settings, *, worker: bool =
     port = int(settings.public_url.rsplit(":", 1)[1])
     app = create_app(settings, database_url=database_url, run_worker=worker)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            # Longer than httpx's 5 s keep-alive expiry: with both at 5 s, a test client that
+            # idles ~5 s (a CLI subprocess starting on a loaded machine) reuses a connection at
+            # the moment the server closes it, and the request fails with a ReadError.
+            timeout_keep_alive=30,
+        )
     )
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -50,20 +50,6 @@ async def lock(session: AsyncSession, blocked_run_id: uuid.UUID) -> BlockedRun:
     return run
 
 
-async def has_episode_awaiting_news(
-    session: AsyncSession, account_id: uuid.UUID, run_id: str
-) -> bool:
-    """Whether the run has an open episode that news of it running again could close."""
-    found = await session.scalar(
-        select(BlockedRun.id).where(
-            BlockedRun.account_id == account_id,
-            BlockedRun.run_id == run_id,
-            BlockedRun.state.in_([s.value for s in ACTIVE_STATES if s != State.RESUMING]),
-        )
-    )
-    return found is not None
-
-
 async def open_episode_for(
     session: AsyncSession, account_id: uuid.UUID, run_id: str, *, lock: bool = False
 ) -> BlockedRun | None:

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
+from app.database import compile_named
 from app.webhooks import ingest
 from app.webhooks.service import _act
 from conftest import Stack, Tenant, deliver, finished_event, isolated_stack, make_tenant
@@ -262,6 +263,33 @@ async def test_a_pooled_connection_the_database_dropped_is_replaced(stack: Stack
     answer = await deliver(stack.client, tenant, finished_event(run_id))
     assert answer.status_code == 202, answer.text
     assert answer.json() == {"status": "accepted"}
+
+
+async def test_a_connection_that_dies_during_the_statement_is_retried_on_a_new_one(
+    stack: Stack,
+) -> None:
+    """The connection is lost while the statement runs (not while it sat in the pool).
+
+    The statement's first run ends its own backend, as a restart or an administrator would, so
+    asyncpg hands the dead connection back to the pool itself while the error is raised; the
+    retry runs on a fresh connection and answers.
+    """
+    db = stack.service.runtime.db
+    sequence = f"ingest_attempts_{uuid.uuid4().hex}"
+    conn = await asyncpg.connect(await _dsn(stack))
+    try:
+        await conn.execute(f"CREATE SEQUENCE {sequence}")
+        statement = compile_named(
+            f"SELECT CASE WHEN nextval('{sequence}') = 1"
+            " THEN pg_terminate_backend(pg_backend_pid()) END AS killed,"
+            " CAST(:value AS int) AS value"
+        )
+        row = await ingest._run(db, statement, {"value": 7})
+        assert row["value"] == 7
+        assert await conn.fetchval(f"SELECT last_value FROM {sequence}") == 2
+    finally:
+        await conn.execute(f"DROP SEQUENCE IF EXISTS {sequence}")
+        await conn.close()
 
 
 async def test_a_body_with_a_byte_order_mark_is_stored_as_its_json(

@@ -13,6 +13,7 @@ nothing, and the general path in `app.webhooks.service` takes it, with the same 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -148,8 +149,11 @@ async def _run(db: Database, statement: Compiled, values: dict[str, Any]) -> asy
                 row: asyncpg.Record = await conn.fetchrow(statement.sql, *statement.args(values))
                 return row
             except _CONNECTION_ERRORS:
-                # Never back into the pool: it is replaced by a new connection on next use.
-                conn.terminate()
+                # Never back into the pool: it is replaced by a new connection on next use. A
+                # connection the server closed has already handed itself back (asyncpg detaches
+                # the proxy as it cleans up), and then there is nothing left to terminate.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 if attempt == 2:
                     raise
     raise AssertionError("unreachable")

@@ -210,6 +210,15 @@ class Database:
         async with pool.acquire() as pg, pg.transaction():
             yield pg
 
+    async def analyze(self, *tables: str) -> None:
+        """Refresh the planner's statistics of `tables` now, rather than when autovacuum next
+        gets to them (a minute or more), and so replan the statements every connection has
+        prepared (`app.organizations.steps.release_waiting_runs` says when). A role that does
+        not own a table gets a warning from PostgreSQL and the table is skipped."""
+        pool = await self.driver_pool()
+        async with pool.acquire() as pg:
+            await pg.execute(f"ANALYZE {', '.join(tables)}")
+
     async def dispose(self) -> None:
         if self._raw_pool is not None:
             await self._raw_pool.close()

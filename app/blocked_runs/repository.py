@@ -90,15 +90,15 @@ async def recent_resumes(
     since = func.greatest(
         func.now() - window, func.coalesce(last_retry, text("'-infinity'::timestamptz"))
     )
+    # The state is a filter of the count, not of the scan: the run's own episodes are few and
+    # come from its index, where a `state` condition could lead the planner to walk every
+    # resumed run of every account (see `app.work_queue`'s claim).
+    resumed_since = and_(
+        BlockedRun.state == State.RESUMED.value, BlockedRun.state_changed_at > since
+    )
     return (
         await session.scalar(
-            select(func.count())
-            .select_from(BlockedRun)
-            .where(
-                *same_run,
-                BlockedRun.state == State.RESUMED.value,
-                BlockedRun.state_changed_at > since,
-            )
+            select(func.count().filter(resumed_since)).select_from(BlockedRun).where(*same_run)
         )
     ) or 0
 

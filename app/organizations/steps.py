@@ -12,6 +12,8 @@ closes its job (refused if the lease was lost) and moves the decision (and its r
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -51,7 +53,11 @@ from app.work_queue import (
     note,
 )
 
+log = logging.getLogger(__name__)
+
 CHOOSING = (DecisionState.AWAITING_CHOICE, DecisionState.AWAITING_CHECKOUT)
+# A release of at least this many runs ends by refreshing the planner's statistics.
+ANALYZE_AFTER_RELEASE = 1000
 # Where a newly blocked run opens a new round of the decision (from the decision's table).
 NEW_ROUND_FROM = frozenset(state for state, event in TRANSITIONS if event is Event.BLOCKED)
 
@@ -487,16 +493,33 @@ async def release_waiting_runs(rt: Runtime, job: ClaimedJob) -> None:
     Each batch takes the decision's lock and follows its latest move, so a batch never moves a
     run past a decision that changed meanwhile; the job closes in the batch that finds the
     rest smaller than a batch, under that same lock (a later move enqueues a new release).
+
+    A release this large changes what the planner should know of the runs and jobs (thousands
+    now `resuming`, as many resume jobs pending), and the statements each connection has
+    prepared keep the plans they were given on the statistics from before: on a young
+    database, plans for nearly empty tables that walk every resume job or run per claim or
+    batch, until autovacuum analyzes the tables a minute or more later. So the release ends by
+    analyzing them.
     """
+    released = 0
     while True:
         async with rt.db.transaction() as session:
             decision = await repository.lock(session, job.account_id)
             moved = await release_runs(
                 rt, session, decision, actor=SYSTEM, limit=RELEASE_BATCH, enqueue_rest=False
             )
+            released += moved
             if moved < RELEASE_BATCH:
                 await finish(session, job)
-                return
+                break
+    if released >= ANALYZE_AFTER_RELEASE:
+        started = time.perf_counter()
+        await rt.db.analyze("jobs", "blocked_runs")
+        log.info(
+            "released %d runs; statistics of jobs and blocked_runs refreshed in %.0f ms",
+            released,
+            (time.perf_counter() - started) * 1000,
+        )
 
 
 async def _record_problem(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None:

@@ -511,6 +511,7 @@ async def test_a_large_organization_is_released_in_bounded_batches() -> None:
             return dict(rows.all())
 
         assert (await states())["topup_prompt"] == INLINE_RELEASE
+
         async def analyzed() -> dict[str, int]:
             # Manual ANALYZEs only (autovacuum's are counted apart, in autoanalyze_count).
             async with rt.db.sessions() as session:

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import Request
 from sqlalchemy import select
@@ -28,7 +29,7 @@ KEY_CACHE_SIZE = 10_000
 class Runtime:
     settings: Settings
     db: Database
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
     mosaic: MosaicClient
     keyring: Keyring
     listener: Listener
@@ -115,7 +116,7 @@ class Runtime:
     async def close(self) -> None:
         if self.background:
             await asyncio.wait(self.background, timeout=10)
-        await self.http.aclose()
+        await self.http.close()
         await self.notify_http.aclose()
         await self.listener.close()
         await self.db.dispose()

@@ -1,19 +1,25 @@
 """The Mosaic client reads every documented shape and fails in ways the worker can act on.
 
-The sandbox covers the normal readings over real HTTP; respx stands in only for edge cases the
-sandbox cannot produce (non-JSON answers, odd Retry-After values, unexpected shapes).
+The sandbox covers the normal readings; a small server of canned answers, over real HTTP on
+loopback, stands in for edge cases the sandbox cannot produce (non-JSON answers, odd
+Retry-After values, unexpected shapes, answers cut off or too large).
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-import httpx
+import aiohttp
 import pytest
-import respx
+import pytest_asyncio
+from aiohttp import web
 
 from app.mosaic import (
+    MAX_ANSWER_BYTES,
     MosaicClient,
     MosaicError,
     PlanState,
@@ -22,7 +28,62 @@ from app.mosaic import (
     parse_plan_list,
 )
 
-BASE = "https://mosaic.test"
+Answer = Callable[[web.Request], web.StreamResponse]
+
+
+@dataclass
+class Canned:
+    """A loopback HTTP server that answers each request with the next canned answer."""
+
+    url: str
+    answers: list[Answer] = field(default_factory=list)
+    raw_paths: list[str] = field(default_factory=list)
+
+
+def json_answer(status: int, body: object, headers: dict[str, str] | None = None) -> Answer:
+    return lambda _: web.json_response(body, status=status, headers=headers)
+
+
+def text_answer(status: int, text: str, headers: dict[str, str] | None = None) -> Answer:
+    return lambda _: web.Response(status=status, text=text, headers=headers)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def canned() -> AsyncIterator[Canned]:
+    server = Canned(url="")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        server.raw_paths.append(request.raw_path)
+        await request.read()
+        return await _maybe_async(server.answers.pop(0)(request))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+async def _maybe_async(answer: object) -> web.StreamResponse:
+    if hasattr(answer, "__await__"):
+        answer = await answer  # type: ignore[misc]
+    assert isinstance(answer, web.StreamResponse)
+    return answer
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 NEW_LIST = {
     "plans": [
@@ -181,20 +242,17 @@ def test_either_spelling_on_the_run_or_a_node_means_blocked(payload: dict, block
 
 
 @pytest.mark.asyncio(loop_scope="session")
-@respx.mock
-async def test_errors_carry_status_detail_and_retry_after() -> None:
+async def test_errors_carry_status_detail_and_retry_after(canned: Canned) -> None:
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    respx.get(f"{BASE}/plan").mock(
-        side_effect=[
-            httpx.Response(429, json={"detail": "slow down"}, headers={"Retry-After": "2"}),
-            httpx.Response(503, text="<html>bad gateway</html>", headers={"Retry-After": later}),
-            httpx.Response(200, text="not json"),
-            httpx.Response(200, json={"plan": 42}),
-            httpx.Response(401, json={"detail": "bad key"}),
-        ]
-    )
-    async with httpx.AsyncClient() as http:
-        client = MosaicClient(http, BASE)
+    canned.answers = [
+        json_answer(429, {"detail": "slow down"}, {"Retry-After": "2"}),
+        text_answer(503, "<html>bad gateway</html>", {"Retry-After": later}),
+        text_answer(200, "not json"),
+        json_answer(200, {"plan": 42}),
+        json_answer(401, {"detail": "bad key"}),
+    ]
+    async with aiohttp.ClientSession() as http:
+        client = MosaicClient(http, canned.url)
         with pytest.raises(MosaicError) as limited:
             await client.get_plan("mk_x")
         assert (limited.value.status, limited.value.detail, limited.value.retry_after) == (
@@ -205,6 +263,7 @@ async def test_errors_carry_status_detail_and_retry_after() -> None:
         assert limited.value.transient
         with pytest.raises(MosaicError) as down:
             await client.get_plan("mk_x")
+        assert (down.value.status, down.value.detail) == (503, "<html>bad gateway</html>")
         assert down.value.transient
         assert down.value.retry_after is not None
         assert 25 < down.value.retry_after <= 30
@@ -216,22 +275,68 @@ async def test_errors_carry_status_detail_and_retry_after() -> None:
         with pytest.raises(MosaicError) as refused:
             await client.get_plan("mk_x")
         assert not refused.value.transient
+    assert canned.answers == []
 
 
 @pytest.mark.asyncio(loop_scope="session")
-@respx.mock
-async def test_no_answer_at_all_is_transient_and_names_no_secret() -> None:
-    respx.post(url__regex=rf"{BASE}/agent_run/.*/resume").mock(
-        side_effect=httpx.ConnectError("refused")
-    )
-    async with httpx.AsyncClient() as http:
+async def test_no_connection_at_all_is_transient_unreached_and_names_no_secret() -> None:
+    async with aiohttp.ClientSession() as http:
+        client = MosaicClient(http, f"http://127.0.0.1:{_closed_port()}")
         with pytest.raises(MosaicError) as failed:
-            await MosaicClient(http, BASE).resume_run("mk_secret_key", "run/../x")
+            await client.resume_run("mk_secret_key", "run-1")
     assert failed.value.status is None
     assert failed.value.transient
+    assert not failed.value.reached  # refused: Mosaic cannot have acted
+    assert not failed.value.ambiguous
     assert "mk_secret_key" not in str(failed.value)
-    # The run id is kept to one path segment.
-    assert respx.calls.last.request.url.raw_path == b"/agent_run/run%2F..%2Fx/resume"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_answer_cut_off_after_the_request_may_have_been_acted_on(canned: Canned) -> None:
+    async def hang_up(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()  # the request arrived; its answer never leaves
+        return web.Response()
+
+    canned.answers = [hang_up]
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(MosaicError) as lost:
+            await MosaicClient(http, canned.url).resume_run("mk_secret_key", "run-1")
+    assert lost.value.status is None
+    assert lost.value.reached
+    assert lost.value.ambiguous  # the next attempt must read before it POSTs again
+    assert "mk_secret_key" not in str(lost.value)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_run_id_is_sent_as_one_encoded_path_segment(canned: Canned) -> None:
+    canned.answers = [json_answer(200, {"status": "running"})]
+    async with aiohttp.ClientSession() as http:
+        await MosaicClient(http, canned.url).resume_run("mk_x", "run/../x?y")
+    assert canned.raw_paths[-1] == "/agent_run/run%2F..%2Fx%3Fy/resume"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_answer_too_large_is_refused_without_buffering_it(canned: Canned) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        # No Content-Length: the client can only stop reading once the bound is passed.
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b" " * 65536
+        for _ in range(MAX_ANSWER_BYTES // len(chunk) + 2):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    canned.answers = [stream, json_answer(200, {"plan": {"id": "creator", "status": "active"}})]
+    async with aiohttp.ClientSession() as http:
+        client = MosaicClient(http, canned.url)
+        with pytest.raises(MosaicError) as large:
+            await client.get_plan("mk_x")
+        assert large.value.status == 502
+        assert large.value.unexpected_shape
+        assert not large.value.transient
+        assert (await client.get_plan("mk_x")).is_paid  # and the next call goes through
 
 
 @pytest.mark.parametrize(
@@ -265,17 +370,16 @@ def test_lax_readings_of_plans_flags_and_topup_settings() -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("run_id", [".", "..", "...", ""])
-@respx.mock
 async def test_a_run_id_that_is_a_dot_segment_is_refused_without_calling_mosaic(
-    run_id: str,
+    run_id: str, canned: Canned
 ) -> None:
     """`/agent_run/..` is `/` once normalised: GET / and POST /resume on Mosaic with the key."""
-    route = respx.route(url__startswith=BASE).mock(return_value=httpx.Response(200, json={}))
-    async with httpx.AsyncClient() as http:
-        client = MosaicClient(http, BASE)
+    canned.raw_paths.clear()
+    async with aiohttp.ClientSession() as http:
+        client = MosaicClient(http, canned.url)
         for call in (client.get_run, client.get_run_nodes, client.resume_run):
             with pytest.raises(MosaicError) as refused:
                 await call("mk_x", run_id)
             assert refused.value.status == 422
             assert not refused.value.transient  # a retry would refuse it again
-    assert not route.called
+    assert canned.raw_paths == []

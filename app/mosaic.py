@@ -375,7 +375,8 @@ class MosaicClient:
                 raise MosaicError(
                     502, f"{endpoint} answered non-JSON", unexpected_shape=True
                 ) from exc
-        detail = f"an answer over {MAX_ANSWER_BYTES} bytes" if body is None else _detail(body, reason)
+        too_large = f"an answer over {MAX_ANSWER_BYTES} bytes"
+        detail = too_large if body is None else _detail(body, reason)
         raise MosaicError(status, detail, retry_after=_retry_after(retry_after))
 
     @staticmethod

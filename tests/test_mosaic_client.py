@@ -85,6 +85,7 @@ def _closed_port() -> int:
         port: int = probe.getsockname()[1]
     return port
 
+
 NEW_LIST = {
     "plans": [
         {

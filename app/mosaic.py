@@ -10,6 +10,7 @@ import email.utils
 import json
 import logging
 import time
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -309,7 +310,7 @@ def make_http_client(settings: Settings) -> aiohttp.ClientSession:
 
     aiohttp rather than httpx: a call costs about a tenth of httpx's CPU (measured against the
     sandbox: 0.08 ms against 1.0 ms per request), and the worker makes one or two per step.
-    Proxies from the environment are honoured, as they were with httpx. Call inside the loop.
+    Proxies from the environment are honoured (`env_proxy`). Call inside the running loop.
     """
     timeout = aiohttp.ClientTimeout(
         total=settings.mosaic_timeout.total_seconds(),
@@ -319,8 +320,17 @@ def make_http_client(settings: Settings) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=5),
         timeout=timeout,
         headers={"User-Agent": "unblock/0.1"},
-        trust_env=True,
     )
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (`HTTP_PROXY`/`HTTPS_PROXY`, `NO_PROXY`), as
+    httpx honoured them, looked up once: aiohttp's own lookup (`trust_env`) reads the
+    environment and `~/.netrc` again on every request, in a thread."""
+    target = URL(url)
+    if not target.host or urllib.request.proxy_bypass_environment(target.host):
+        return None
+    return urllib.request.getproxies_environment().get(target.scheme or "")
 
 
 class MosaicClient:
@@ -329,6 +339,7 @@ class MosaicClient:
     def __init__(self, http: aiohttp.ClientSession, base_url: str) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
+        self._proxy = env_proxy(self._base_url)
 
     async def _call(
         self, endpoint: str, method: str, path: str, api_key: str, payload: Any = None
@@ -343,6 +354,7 @@ class MosaicClient:
                     json=payload,
                     headers={"Authorization": f"Bearer {api_key}"},
                     allow_redirects=False,
+                    proxy=self._proxy,
                 ) as response:
                     status = response.status
                     try:

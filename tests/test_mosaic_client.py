@@ -23,6 +23,7 @@ from app.mosaic import (
     MosaicClient,
     MosaicError,
     PlanState,
+    env_proxy,
     needs_credits,
     parse_credits,
     parse_plan_list,
@@ -315,6 +316,23 @@ async def test_a_run_id_is_sent_as_one_encoded_path_segment(canned: Canned) -> N
     async with aiohttp.ClientSession() as http:
         await MosaicClient(http, canned.url).resume_run("mk_x", "run/../x?y")
     assert canned.raw_paths[-1] == "/agent_run/run%2F..%2Fx%3Fy/resume"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_environment_s_proxy_carries_the_calls_unless_no_proxy_names_mosaic(
+    canned: Canned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", canned.url)
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.setenv("NO_PROXY", "billing.internal")
+    monkeypatch.delenv("no_proxy", raising=False)
+    canned.answers = [json_answer(200, {"plan": {"id": "creator", "status": "active"}})]
+    async with aiohttp.ClientSession() as http:
+        # Nothing answers at mosaic.invalid: only the proxy (the canned server) can.
+        assert (await MosaicClient(http, "http://mosaic.invalid").get_plan("mk_x")).is_paid
+    assert canned.raw_paths[-1] == "http://mosaic.invalid/plan"
+    assert env_proxy("http://billing.internal/v1") is None
+    assert env_proxy("http://mosaic.invalid") == canned.url
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -328,7 +328,7 @@ def env_proxy(url: str) -> str | None:
     httpx honoured them, looked up once: aiohttp's own lookup (`trust_env`) reads the
     environment and `~/.netrc` again on every request, in a thread."""
     target = URL(url)
-    if not target.host or urllib.request.proxy_bypass_environment(target.host):
+    if not target.host or urllib.request.proxy_bypass(target.host):
         return None
     return urllib.request.getproxies_environment().get(target.scheme or "")
 

@@ -12,6 +12,7 @@ closes its job (refused if the lease was lost) and moves the decision (and its r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -499,7 +500,8 @@ async def release_waiting_runs(rt: Runtime, job: ClaimedJob) -> None:
     prepared keep the plans they were given on the statistics from before: on a young
     database, plans for nearly empty tables that walk every resume job or run per claim or
     batch, until autovacuum analyzes the tables a minute or more later. So the release ends by
-    analyzing them.
+    having them analyzed, in the background: outside the step's time box, and never a reason
+    to retry a release that is done.
     """
     released = 0
     while True:
@@ -513,13 +515,23 @@ async def release_waiting_runs(rt: Runtime, job: ClaimedJob) -> None:
                 await finish(session, job)
                 break
     if released >= ANALYZE_AFTER_RELEASE:
-        started = time.perf_counter()
+        rt.keep(asyncio.create_task(_refresh_statistics(rt, released), name="analyze"))
+
+
+async def _refresh_statistics(rt: Runtime, released: int) -> None:
+    started = time.perf_counter()
+    try:
         await rt.db.analyze("jobs", "blocked_runs")
-        log.info(
-            "released %d runs; statistics of jobs and blocked_runs refreshed in %.0f ms",
-            released,
-            (time.perf_counter() - started) * 1000,
+    except Exception:  # an optimisation: autovacuum will get there anyway
+        log.warning(
+            "released %d runs; analyzing jobs and blocked_runs failed", released, exc_info=True
         )
+        return
+    log.info(
+        "released %d runs; statistics of jobs and blocked_runs refreshed in %.0f ms",
+        released,
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 async def _record_problem(rt: Runtime, job: ClaimedJob, code: str, message: str) -> None:

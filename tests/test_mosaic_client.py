@@ -8,7 +8,7 @@ Retry-After values, unexpected shapes, answers cut off or too large).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -29,7 +29,7 @@ from app.mosaic import (
     parse_plan_list,
 )
 
-Answer = Callable[[web.Request], web.StreamResponse]
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -42,11 +42,17 @@ class Canned:
 
 
 def json_answer(status: int, body: object, headers: dict[str, str] | None = None) -> Answer:
-    return lambda _: web.json_response(body, status=status, headers=headers)
+    async def answer(_: web.Request) -> web.StreamResponse:
+        return web.json_response(body, status=status, headers=headers)
+
+    return answer
 
 
 def text_answer(status: int, text: str, headers: dict[str, str] | None = None) -> Answer:
-    return lambda _: web.Response(status=status, text=text, headers=headers)
+    async def answer(_: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=text, headers=headers)
+
+    return answer
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -56,7 +62,7 @@ async def canned() -> AsyncIterator[Canned]:
     async def handle(request: web.Request) -> web.StreamResponse:
         server.raw_paths.append(request.raw_path)
         await request.read()
-        return await _maybe_async(server.answers.pop(0)(request))
+        return await server.answers.pop(0)(request)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -70,13 +76,6 @@ async def canned() -> AsyncIterator[Canned]:
         yield server
     finally:
         await runner.cleanup()
-
-
-async def _maybe_async(answer: object) -> web.StreamResponse:
-    if hasattr(answer, "__await__"):
-        answer = await answer  # type: ignore[misc]
-    assert isinstance(answer, web.StreamResponse)
-    return answer
 
 
 def _closed_port() -> int:

@@ -148,6 +148,24 @@ def database_unreachable(exc: BaseException) -> bool:
     return False
 
 
+def unexpected_problem(exc: Exception) -> JSONResponse:
+    """The answer to an error no handler expected: 503 while the database is unreachable,
+    otherwise 500, logged in full."""
+    if database_unreachable(exc):
+        # Nothing was done (a webhook was not stored): the caller should retry, as Mosaic
+        # does with any answer but 2xx. One line, not a traceback per request of an outage.
+        log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        return problem(
+            503,
+            "database_unavailable",
+            "The database is unavailable; try again shortly.",
+            headers={"Retry-After": DATABASE_RETRY_AFTER},
+        )
+    # Logged in full by the server; the caller gets no internals.
+    log.exception("unhandled error", exc_info=exc)
+    return problem(500, "internal_error", "Something went wrong on our side.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
@@ -163,19 +181,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if database_unreachable(exc):
-            # Nothing was done (a webhook was not stored): the caller should retry, as Mosaic
-            # does with any answer but 2xx. One line, not a traceback per request of an outage.
-            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
-            return problem(
-                503,
-                "database_unavailable",
-                "The database is unavailable; try again shortly.",
-                headers={"Retry-After": DATABASE_RETRY_AFTER},
-            )
-        # Logged in full by the server; the caller gets no internals.
-        log.exception("unhandled error", exc_info=exc)
-        return problem(500, "internal_error", "Something went wrong on our side.")
+        return unexpected_problem(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

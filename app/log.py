@@ -7,10 +7,12 @@ every line carries the context bound for the request or the step it belongs to (
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
+import secrets
 import sys
-import uuid
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -94,6 +96,28 @@ def bind(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+# New request ids: a random prefix per process and a counter, 32 hex digits like a UUID's.
+# Unique across replicas without a system call per request (uuid4 reads os.urandom each time);
+# a request id correlates log lines and is no secret.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX, _ID_COUNTER = secrets.token_hex(8), itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker is another process
+
+
+def accepted_request_id(given: str | None) -> str:
+    """The caller's X-Request-ID when it is short and plain, else a new one."""
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 class RequestContext:
     """ASGI middleware: a request id (the caller's X-Request-ID, or a new one) and the ids in
     the path, on every log line of the request; the id is echoed in the response."""
@@ -106,7 +130,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = accepted_request_id(given)
         fields: dict[str, Any] = {"request_id": request_id}
         for pattern in _PATH_IDS:
             if match := pattern.match(scope["path"]):

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -20,6 +20,9 @@ from app.mosaic import MosaicClient, make_http_client
 from app.notifications import Listener
 from app.settings import Settings
 from app.subscriptions.destination import make_http_client as make_notify_client
+
+if TYPE_CHECKING:
+    from app.webhooks.ingest import NewsReads
 
 KEY_CACHE_SECONDS = 60
 KEY_CACHE_SIZE = 10_000
@@ -45,6 +48,17 @@ class Runtime:
     _secret_hashes: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
     # Group commits of steps' outcomes, by job kind (`work_queue.GroupCommit`), made on use.
     batches: dict[str, Any] = field(default_factory=dict)
+    # Webhooks' reads of open episodes, many deliveries per statement; made on first use.
+    _news_reads: NewsReads | None = None
+
+    @property
+    def news_reads(self) -> NewsReads:
+        if self._news_reads is None:
+            # Imported here: the webhook module imports what imports this one.
+            from app.webhooks.ingest import NewsReads
+
+            self._news_reads = NewsReads(self.db)
+        return self._news_reads
 
     @classmethod
     async def start(cls, settings: Settings, database_url: str | None = None) -> Runtime:

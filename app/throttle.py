@@ -56,6 +56,8 @@ class FailureThrottle:
 
     def retry_after(self, key: str) -> int | None:
         """Seconds until this key may try again, or None when it may try now."""
+        if key not in self._buckets:  # the common case: no failures remembered
+            return None
         bucket = self._refilled(key, self._clock())
         if bucket is None or bucket.tokens >= 1:
             return None

@@ -313,3 +313,81 @@ async def test_a_body_with_a_byte_order_mark_is_stored_as_its_json(
         ).one()
     assert stored.payload == finished_event(run_id, status_message="é")
     assert stored.raw_body == body.decode("utf-8")
+
+
+# --- News of a run running again: open episodes read for many deliveries at once -----------
+
+
+async def test_news_reads_answer_each_delivery_from_one_statement_per_batch(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read under way holds the next questions back; they go together in one statement, and
+    each gets its own run's answer: only an open episode that news could close counts (not one
+    being resumed, not a closed one, not another account's)."""
+    mine = await make_tenant(stack.client, stack.mosaic)
+    other = await make_tenant(stack.client, stack.mosaic)
+    states = {"open": "awaiting_choice", "resuming": "resuming", "closed": "resumed"}
+    pool = await stack.service.runtime.db.driver_pool()
+    for name, state in states.items():
+        await pool.execute(
+            "INSERT INTO blocked_runs (id, account_id, run_id, state) VALUES ($1, $2, $3, $4)",
+            uuid.uuid4(),
+            uuid.UUID(mine.account_id),
+            f"run-{name}",
+            state,
+        )
+    await pool.execute(
+        "INSERT INTO blocked_runs (id, account_id, run_id, state) VALUES ($1, $2, $3, $4)",
+        uuid.uuid4(),
+        uuid.UUID(other.account_id),
+        "run-theirs",
+        "awaiting_choice",
+    )
+
+    statements: list[int] = []
+    first_read_began, first_read_may_end = asyncio.Event(), asyncio.Event()
+    real = ingest._run
+
+    async def held(db: Any, statement: Any, values: dict[str, Any], **kw: Any) -> Any:
+        statements.append(len(values["run_ids"]))
+        if len(statements) == 1:
+            first_read_began.set()
+            await first_read_may_end.wait()
+        return await real(db, statement, values, **kw)
+
+    monkeypatch.setattr(ingest, "_run", held)
+    reads = ingest.NewsReads(stack.service.runtime.db)
+    account = uuid.UUID(mine.account_id)
+    first = asyncio.create_task(reads.awaiting_news(account, "run-open"))
+    await first_read_began.wait()
+    asked = ["run-open", "run-resuming", "run-closed", "run-never", "run-theirs", "run-open"]
+    rest = [asyncio.create_task(reads.awaiting_news(account, run_id)) for run_id in asked]
+    theirs = asyncio.create_task(reads.awaiting_news(uuid.UUID(other.account_id), "run-theirs"))
+    first_read_may_end.set()
+    answers = await asyncio.gather(first, *rest, theirs)
+    assert answers == [True, True, False, False, False, False, True, True]
+    assert statements == [1, len(asked) + 1]
+
+
+async def test_a_failed_news_read_fails_each_delivery_of_its_batch_only(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ingest._run
+    calls = 0
+
+    async def failing_once(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.CannotConnectNowError("the database system is starting up")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(ingest, "_run", failing_once)
+    reads = ingest.NewsReads(stack.service.runtime.db)
+    account = uuid.uuid4()
+    # Three deliveries in one turn of the loop: one batch.
+    batch = [asyncio.create_task(reads.awaiting_news(account, f"r{i}")) for i in range(3)]
+    outcomes = await asyncio.gather(*batch, return_exceptions=True)
+    assert all(isinstance(o, asyncpg.CannotConnectNowError) for o in outcomes), outcomes
+    assert await reads.awaiting_news(account, "r0") is False
+    assert calls == 2

@@ -194,7 +194,9 @@ async def _record(
         # The history row plus outbound notifications (run.blocked, run.failed, …) for the
         # account's subscribers, in one statement of this transaction: the outbox.
         await outbox.record_history_and_event(session, **entry)
-    await notify(session, RUN_EVENTS_CHANNEL, str(run_id))
+    if from_state is not None:
+        # A run's first state is news to nobody: streams and waits listen for ids they know.
+        await notify(session, RUN_EVENTS_CHANNEL, str(run_id))
     metrics.TRANSITIONS.labels(from_state or "", to_state.value).inc()
 
 

@@ -13,7 +13,9 @@ nothing, and the general path in `app.webhooks.service` takes it, with the same 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import uuid
 from typing import Any
 
@@ -22,7 +24,7 @@ import asyncpg
 from app import metrics
 from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, target_of
 from app.database import Compiled, Database, compile_named
-from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL
+from app.notifications import JOBS_CHANNEL
 from app.organizations.service import join_moves
 from app.organizations.state_machine import DecisionState
 from app.subscriptions import outbox
@@ -119,8 +121,9 @@ WITH decision AS (
 SELECT (SELECT count(*) FROM eligible) AS eligible,
        (SELECT id FROM stored) AS event_id,
        (SELECT state FROM opened) AS state,
-       (SELECT count(pg_notify(CAST(:run_events AS text), CAST(:new_id AS text)))
-        FROM opened) AS notified,
+       -- No NOTIFY of the new run on `unblock_run_events`: only streams and waits that know a
+       -- run's id listen for it, and this run's id did not exist before this statement. (A
+       -- NOTIFY also serializes committing transactions on PostgreSQL's notification queue.)
        (SELECT count(pg_notify(CAST(:jobs AS text), ''))
         FROM (SELECT 1 FROM checked UNION ALL SELECT 1 FROM announced LIMIT 1) AS w) AS woken
 """
@@ -132,22 +135,31 @@ _MARK_DUPLICATE = compile_named(
 
 _AWAITING_NEWS = compile_named(
     """
-SELECT EXISTS (
-    SELECT 1 FROM blocked_runs
-    WHERE account_id = CAST(:account_id AS uuid) AND run_id = CAST(:run_id AS text)
-      AND state = ANY(CAST(:states AS text[])))
+SELECT k.i
+FROM unnest(CAST(:account_ids AS uuid[]), CAST(:run_ids AS text[]))
+         WITH ORDINALITY AS k (account_id, run_id, i),
+     -- LIMIT keeps this a lookup per run on (account_id, run_id), whatever the statistics say.
+     LATERAL (SELECT 1 FROM blocked_runs AS b
+              WHERE b.account_id = k.account_id AND b.run_id = k.run_id
+                AND b.state = ANY(CAST(:states AS text[]))
+              LIMIT 1) AS open_episode
 """
 )
 _NEWS_STATES = sorted(s.value for s in ACTIVE_STATES if s is not State.RESUMING)
 
 
-async def _run(db: Database, statement: Compiled, values: dict[str, Any]) -> asyncpg.Record:
+async def _run(
+    db: Database, statement: Compiled, values: dict[str, Any], *, many: bool = False
+) -> Any:
+    """The statement's first row (all its rows with `many`), on a pooled connection."""
     pool = await db.driver_pool()
     for attempt in (1, 2):
         async with pool.acquire() as conn:
             try:
-                row: asyncpg.Record = await conn.fetchrow(statement.sql, *statement.args(values))
-                return row
+                args = statement.args(values)
+                if many:
+                    return await conn.fetch(statement.sql, *args)
+                return await conn.fetchrow(statement.sql, *args)
             except _CONNECTION_ERRORS:
                 # Never back into the pool: it is replaced by a new connection on next use. A
                 # connection the server closed has already handed itself back (asyncpg detaches
@@ -205,7 +217,6 @@ async def open_first_block(
             "check_plan": JobKind.CHECK_PLAN.value,
             "give_up": give_up_seconds,
             "notify_type": outbox.notify_type_for(_FIRST_STATE.value),
-            "run_events": RUN_EVENTS_CHANNEL,
             "jobs": JOBS_CHANNEL,
         },
     )
@@ -223,9 +234,54 @@ async def open_first_block(
     return True
 
 
-async def has_episode_awaiting_news(db: Database, account_id: uuid.UUID, run_id: str) -> bool:
-    """Whether the run has an open episode that news of it running again could close."""
-    row = await _run(
-        db, _AWAITING_NEWS, {"account_id": account_id, "run_id": run_id, "states": _NEWS_STATES}
-    )
-    return bool(row[0])
+class NewsReads:
+    """Whether a run has an open episode that news of it running again could close, read for
+    many deliveries at once.
+
+    Half of what Mosaic sends is such news (`RUN_STARTED`, completed runs), nearly always for a
+    run with nothing open, and only the database knows across replicas. The first question is
+    asked at once; those arriving while a read is under way wait for it and go together in the
+    next one, so under load one statement on one pooled connection answers a whole batch, and
+    alone a delivery waits for nobody. A failed read raises its error in every delivery of its
+    batch (each answered 503 or 500 as before, and Mosaic delivers again).
+    """
+
+    def __init__(self, db: Database, *, limit: int = 500) -> None:
+        self._db = db
+        self._limit = limit
+        self._queue: list[tuple[uuid.UUID, str, asyncio.Future[bool]]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def awaiting_news(self, account_id: uuid.UUID, run_id: str) -> bool:
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((account_id, run_id, waiter))
+        if self._reader is None or self._reader.done():
+            # Its own context: the reader serves every delivery of a batch, not the first one.
+            self._reader = asyncio.create_task(self._read(), context=contextvars.Context())
+        return await waiter
+
+    async def _read(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            try:
+                rows = await _run(
+                    self._db,
+                    _AWAITING_NEWS,
+                    {
+                        "account_ids": [account_id for account_id, _, _ in batch],
+                        "run_ids": [run_id for _, run_id, _ in batch],
+                        "states": _NEWS_STATES,
+                    },
+                    many=True,
+                )
+            except BaseException as exc:
+                for _, _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            found = {row[0] for row in rows}
+            for position, (_, _, waiter) in enumerate(batch, start=1):
+                if not waiter.done():
+                    waiter.set_result(position in found)

@@ -14,11 +14,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from app.auth import client_address
-from app.errors import DomainError, NotFound, Unauthorized
 from app.openapi import problems
 from app.runtime import Runtime, runtime
 from app.throttle import AuthThrottle
-from app.webhooks.service import receive
+from app.webhooks.endpoint import ACKS, accept
+from app.webhooks.service import Outcome
 
 
 class LeanRoute(APIRoute):
@@ -58,11 +58,6 @@ class WebhookAck(BaseModel):
 
 
 _ACCOUNT_ID = TypeAdapter(uuid.UUID)
-# Each answer's body, encoded once.
-_ACKS = {
-    outcome: WebhookAck(status=outcome).model_dump_json().encode()
-    for outcome in ("accepted", "duplicate", "ignored")
-}
 
 
 async def serve_webhook(request: Request) -> Response:
@@ -80,7 +75,9 @@ async def serve_webhook(request: Request) -> Response:
         request.app.state.runtime,
         request.headers.get(signature.model.name),
     )
-    return Response(_ACKS[ack.status], status.HTTP_202_ACCEPTED, media_type="application/json")
+    return Response(
+        ACKS[Outcome(ack.status)], status.HTTP_202_ACCEPTED, media_type="application/json"
+    )
 
 
 @router.post(
@@ -106,19 +103,11 @@ async def mosaic_webhook(
     x_mosaic_signature: Annotated[str | None, Depends(mosaic_signature)],
 ) -> WebhookAck:
     """A Mosaic run event (RUN_STARTED, RUN_PROGRESS, RUN_FINISHED) for this account."""
-    throttle: AuthThrottle = request.app.state.auth_throttle
-    source, account = client_address(request), str(account_id)
-    throttle.check(source, account)
-    # BodyLimit (UNBLOCK_MAX_WEBHOOK_BODY) has already cut off a longer body as it arrived.
+    # Reached only for what `WebhookEndpoint` passes on (app/webhooks/endpoint.py), which has
+    # the body bounded by `BodyLimit` (UNBLOCK_MAX_WEBHOOK_BODY) as it arrives.
     raw = await request.body()
-    if len(raw) > rt.settings.max_webhook_body:
-        raise DomainError("The event is too large.", status=413, code="payload_too_large")
-    try:
-        outcome = await receive(rt, account_id, x_mosaic_signature, raw)
-    except (NotFound, Unauthorized) as exc:
-        if isinstance(exc, NotFound) and exc.code != "account_not_found":
-            raise
-        throttle.failed(source, account)
-        # An unknown account and a wrong signature look alike: the answer is no account oracle.
-        raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature") from None
+    throttle: AuthThrottle = request.app.state.auth_throttle
+    outcome = await accept(
+        rt, throttle, client_address(request), account_id, x_mosaic_signature, raw
+    )
     return WebhookAck(status=outcome.value)

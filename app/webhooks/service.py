@@ -43,6 +43,12 @@ class MalformedWebhook(DomainError):
     code = "malformed_webhook"
 
 
+# unblock_webhooks_total's series, looked up once (`labels` takes a lock on every call).
+_COUNTED = {
+    str(outcome): metrics.WEBHOOKS.labels(outcome)
+    for outcome in (*(o.value for o in Outcome), "unauthorized")
+}
+
 # The only flags `_act` can act on; every other event is answered `ignored` without storing it.
 ACTED_ON_FLAGS = frozenset({"RUN_FINISHED", "RUN_STARTED"})
 
@@ -107,21 +113,21 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
     if secret_hash is None:
         raise NotFound("No such account.", code="account_not_found")
     if not webhook_secret_matches(signature, secret_hash):
-        metrics.WEBHOOKS.labels("unauthorized").inc()
+        _COUNTED["unauthorized"].inc()
         raise Unauthorized("X-Mosaic-Signature does not match.", code="bad_signature")
     payload = parse_event(raw)
     flag = payload["flag"].upper()
     if flag not in ACTED_ON_FLAGS:
         # Never acted on, whatever the run's state (RUN_PROGRESS, TEST, flags Mosaic adds):
         # counted, not stored, so the most common event costs no database write.
-        metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+        _COUNTED[Outcome.IGNORED].inc()
         return Outcome.IGNORED
     if _runs_again(payload):
         # News that a run runs (again) matters only to an open episode; without one it is
         # ignored, so it is counted, not stored (a later copy, once an episode is open, is a
         # hint that Mosaic is asked about, as any new one would be).
-        if not await ingest.has_episode_awaiting_news(rt.db, account_id, payload["run_id"]):
-            metrics.WEBHOOKS.labels(Outcome.IGNORED.value).inc()
+        if not await rt.news_reads.awaiting_news(account_id, payload["run_id"]):
+            _COUNTED[Outcome.IGNORED].inc()
             return Outcome.IGNORED
     elif flag == "RUN_FINISHED" and needs_credits(payload):
         # The common block, a run never reported before, in one statement (`ingest`); the
@@ -142,7 +148,7 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
         )
         if opened is not None:
             outcome = Outcome.ACCEPTED if opened else Outcome.DUPLICATE
-            metrics.WEBHOOKS.labels(outcome.value).inc()
+            _COUNTED[outcome].inc()
             return outcome
     async with rt.db.transaction() as session:
         run_id = payload["run_id"]
@@ -168,7 +174,7 @@ async def receive(rt: Runtime, account_id: uuid.UUID, signature: str | None, raw
             await session.execute(
                 update(WebhookEvent).where(WebhookEvent.id == event_id).values(outcome=outcome)
             )
-    metrics.WEBHOOKS.labels(outcome.value).inc()
+    _COUNTED[outcome].inc()
     return outcome
 
 

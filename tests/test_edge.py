@@ -238,6 +238,22 @@ async def test_bad_signatures_for_one_account_are_answered_429_once_its_failures
         refused = await deliver(http, tenant, event, signature="guess-5")
         assert_problem(refused, 429, "too_many_failures")
         assert int(refused.headers["retry-after"]) >= 1
+        # Refused before its body is read: the answer comes though the body never does, on
+        # both HTTP paths (the account id as 8-4-4-4-12, and as 32 hex digits).
+        host, port = host_port(str(http.base_url))
+        for account in (tenant.account_id, uuid.UUID(tenant.account_id).hex):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                (
+                    f"POST /v1/webhooks/mosaic/{account} HTTP/1.1\r\nHost: {host}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                ).encode()
+            )
+            try:
+                status, _ = await asyncio.wait_for(read_head(reader), 10)
+            finally:
+                writer.close()
+            assert status.startswith(b"HTTP/1.1 429"), (account, status)
 
 
 async def test_a_short_webhook_secret_is_refused(client: httpx.AsyncClient) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,12 +54,14 @@ async def accept(
     source: str | None,
     account_id: uuid.UUID,
     signature: str | None,
-    raw: bytes,
+    body: Callable[[], Awaitable[bytes]],
 ) -> Outcome:
     """Verify, store and act on one delivery (`receive`), counting failed signatures against
-    the source and the account. Both HTTP paths call this."""
+    the source and the account. Both HTTP paths call this; `body` reads the (bounded) body,
+    which a throttled caller never gets to send."""
     account = str(account_id)
     throttle.check(source, account)
+    raw = await body()
     if len(raw) > rt.settings.max_webhook_body:
         raise DomainError("The event is too large.", status=413, code="payload_too_large")
     try:
@@ -137,18 +140,18 @@ class WebhookEndpoint:
             if length < 0:
                 return _closing(problem(400, "bad_request", "Content-Length is not a number."))
             if length > self.max_body:
-                return _closing(self._too_large())
+                return _closing(problem(413, "payload_too_large", _too_large(self.max_body)))
         rt: Runtime = scope["app"].state.runtime
         throttle: AuthThrottle = scope["app"].state.auth_throttle
         client = scope.get("client")
         try:
-            raw = await self._body(receive)
-            if raw is None:
-                # Not `Connection: close`: the server drops the unread rest itself, after the
-                # answer has gone out, where closing at once could reset the answer away.
-                return self._too_large()
             outcome = await accept(
-                rt, throttle, client[0] if client else None, account_id, signature, raw
+                rt,
+                throttle,
+                client[0] if client else None,
+                account_id,
+                signature,
+                lambda: self._body(receive),
             )
         except _Disconnected:
             return None
@@ -158,8 +161,11 @@ class WebhookEndpoint:
             return unexpected_problem(exc)
         return ACKS[outcome]
 
-    async def _body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once it passes the limit (the rest is never read)."""
+    async def _body(self, receive: Receive) -> bytes:
+        """The whole body; 413 once it passes the limit (the rest is never read).
+
+        The answer does not close the connection: the server drops the unread rest itself once
+        the answer has gone out, where closing at once could reset the answer away."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -169,15 +175,14 @@ class WebhookEndpoint:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return None
+                raise DomainError(_too_large(self.max_body), status=413, code="payload_too_large")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _too_large(self) -> Response:
-        return problem(
-            413, "payload_too_large", f"The request body is larger than {self.max_body} bytes."
-        )
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than {limit} bytes."
 
 
 def _closing(answer: Response) -> Response:

@@ -105,9 +105,8 @@ async def mosaic_webhook(
     """A Mosaic run event (RUN_STARTED, RUN_PROGRESS, RUN_FINISHED) for this account."""
     # Reached only for what `WebhookEndpoint` passes on (app/webhooks/endpoint.py), which has
     # the body bounded by `BodyLimit` (UNBLOCK_MAX_WEBHOOK_BODY) as it arrives.
-    raw = await request.body()
     throttle: AuthThrottle = request.app.state.auth_throttle
     outcome = await accept(
-        rt, throttle, client_address(request), account_id, x_mosaic_signature, raw
+        rt, throttle, client_address(request), account_id, x_mosaic_signature, request.body
     )
     return WebhookAck(status=outcome.value)

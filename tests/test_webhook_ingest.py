@@ -391,3 +391,24 @@ async def test_a_failed_news_read_fails_each_delivery_of_its_batch_only(
     assert all(isinstance(o, asyncpg.CannotConnectNowError) for o in outcomes), outcomes
     assert await reads.awaiting_news(account, "r0") is False
     assert calls == 2
+
+
+async def test_constants_are_written_into_a_statement_as_quoted_literals(stack: Stack) -> None:
+    """`compile_named(sql, constants)`: only the other binds are sent, and PostgreSQL reads each
+    constant back exactly (quotes, an array, a float, NULL, a name used twice)."""
+    statement = compile_named(
+        "SELECT CAST(:word AS text) AS word, CAST(:words AS text[]) AS words,"
+        " CAST(:seconds AS double precision) AS seconds, CAST(:nothing AS text) AS nothing,"
+        " CAST(:word AS text) || CAST(:sent AS text) AS both",
+        {"word": "it's; --", "words": ["a'b", "c,d", '"e"'], "seconds": 2.5, "nothing": None},
+    )
+    assert statement.names == ("sent",)
+    pool = await stack.service.runtime.db.driver_pool()
+    row = await pool.fetchrow(statement.sql, *statement.args({"sent": "!"}))
+    assert dict(row) == {
+        "word": "it's; --",
+        "words": ["a'b", "c,d", '"e"'],
+        "seconds": 2.5,
+        "nothing": None,
+        "both": "it's; --!",
+    }

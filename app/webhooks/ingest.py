@@ -126,13 +126,28 @@ SELECT (SELECT count(*) FROM eligible) AS eligible,
        -- NOTIFY also serializes committing transactions on PostgreSQL's notification queue.)
        (SELECT count(pg_notify(CAST(:jobs AS text), ''))
         FROM (SELECT 1 FROM checked UNION ALL SELECT 1 FROM announced LIMIT 1) AS w) AS woken
-"""
+""",
+    {
+        "system": "system",
+        "event": Event.BLOCKED.value,
+        "first_state": _FIRST_STATE.value,
+        "joinable": _JOINABLE,
+        "join_states": [move.decision_state.value for move in _MOVES],
+        "join_events": [move.event.value for move in _MOVES],
+        "join_targets": [move.run_state.value for move in _MOVES],
+        "join_reasons": [move.reason for move in _MOVES],
+        "idle": DecisionState.IDLE.value,
+        "check_plan": JobKind.CHECK_PLAN.value,
+        "notify_type": outbox.notify_type_for(_FIRST_STATE.value),
+        "jobs": JOBS_CHANNEL,
+    },
 )
 
 _MARK_DUPLICATE = compile_named(
     "UPDATE webhook_events SET outcome = 'duplicate' WHERE id = CAST(:event_id AS bigint)"
 )
 
+_NEWS_STATES = sorted(s.value for s in ACTIVE_STATES if s is not State.RESUMING)
 _AWAITING_NEWS = compile_named(
     """
 SELECT k.i
@@ -143,9 +158,9 @@ FROM unnest(CAST(:account_ids AS uuid[]), CAST(:run_ids AS text[]))
               WHERE b.account_id = k.account_id AND b.run_id = k.run_id
                 AND b.state = ANY(CAST(:states AS text[]))
               LIMIT 1) AS open_episode
-"""
+""",
+    {"states": _NEWS_STATES},
 )
-_NEWS_STATES = sorted(s.value for s in ACTIVE_STATES if s is not State.RESUMING)
 
 
 async def _run(
@@ -205,19 +220,7 @@ async def open_first_block(
             "new_id": new_id,
             "actor": actor,
             "reason": reason,
-            "system": "system",
-            "event": Event.BLOCKED.value,
-            "first_state": _FIRST_STATE.value,
-            "joinable": _JOINABLE,
-            "join_states": [move.decision_state.value for move in _MOVES],
-            "join_events": [move.event.value for move in _MOVES],
-            "join_targets": [move.run_state.value for move in _MOVES],
-            "join_reasons": [move.reason for move in _MOVES],
-            "idle": DecisionState.IDLE.value,
-            "check_plan": JobKind.CHECK_PLAN.value,
             "give_up": give_up_seconds,
-            "notify_type": outbox.notify_type_for(_FIRST_STATE.value),
-            "jobs": JOBS_CHANNEL,
         },
     )
     if not row["eligible"]:
@@ -270,7 +273,6 @@ class NewsReads:
                     {
                         "account_ids": [account_id for account_id, _, _ in batch],
                         "run_ids": [run_id for _, run_id, _ in batch],
-                        "states": _NEWS_STATES,
                     },
                     many=True,
                 )

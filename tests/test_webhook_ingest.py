@@ -412,3 +412,25 @@ async def test_constants_are_written_into_a_statement_as_quoted_literals(stack: 
         "nothing": None,
         "both": "it's; --!",
     }
+
+
+async def test_news_reads_leave_no_delivery_waiting_when_the_reader_is_cancelled(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    began, never = asyncio.Event(), asyncio.Event()
+
+    async def hanging(*_: Any, **__: Any) -> Any:
+        began.set()
+        await never.wait()
+
+    monkeypatch.setattr(ingest, "_run", hanging)
+    reads = ingest.NewsReads(stack.service.runtime.db)
+    account = uuid.uuid4()
+    reading = asyncio.create_task(reads.awaiting_news(account, "r-read"))
+    await began.wait()
+    queued = asyncio.create_task(reads.awaiting_news(account, "r-queued"))
+    await asyncio.sleep(0)  # queued behind the read under way
+    assert reads._reader is not None
+    reads._reader.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(reading, queued, return_exceptions=True), 5)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes

@@ -9,7 +9,8 @@ sits outside those layers and gives a plain webhook delivery what they give it:
 - the request id (the caller's `X-Request-ID` when it is plain, else a new one) on every log
   line, with the account id, and echoed in the answer;
 - the body bounded while it arrives (`UNBLOCK_MAX_WEBHOOK_BODY`): a declared longer body is
-  refused before a byte is read, a longer stream is cut off, both with the connection closed;
+  refused before a byte is read (and the connection closed), a longer stream as soon as it
+  passes the limit;
 - the security headers and `Cache-Control: no-store` on every answer;
 - the same problem+json answers (`app.errors`), including 503 while the database is unreachable
   and 500, logged, for anything unexpected.

@@ -276,13 +276,16 @@ class NewsReads:
                     },
                     many=True,
                 )
-            except BaseException as exc:
+            except Exception as exc:
                 for _, _, waiter in batch:
                     if not waiter.done():
                         waiter.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
                 continue
+            except BaseException:
+                # The reader itself is cancelled (the loop is closing): no one is left waiting.
+                for _, _, waiter in batch + self._queue:
+                    waiter.cancel()
+                raise
             found = {row[0] for row in rows}
             for position, (_, _, waiter) in enumerate(batch, start=1):
                 if not waiter.done():

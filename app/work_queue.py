@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from contextvars import Context, ContextVar
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from app.batching import Coalescer
 from app.blocked_runs.models import Job
 from app.database import Database, compile_named
 from app.notifications import JOBS_CHANNEL, RUN_EVENTS_CHANNEL, notify
@@ -524,9 +525,7 @@ class GroupCommit(Generic[T]):
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[set[int]]], *, limit: int) -> None:
         self._flush = flush
-        self._limit = limit
-        self._queue: list[tuple[int, T, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._batches: Coalescer[tuple[int, T], None] = Coalescer(self._commit, limit=limit)
 
     async def record(self, job_id: int, outcome: T) -> None:
         """Hand an outcome over and wait until it is committed (LeaseLost if not ours)."""
@@ -534,39 +533,15 @@ class GroupCommit(Generic[T]):
 
     def submit(self, job_id: int, outcome: T) -> asyncio.Future[None]:
         """Hand an outcome over; the future ends when it is committed (or refused, or failed)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((job_id, outcome, waiter))
-        if self._writer is None or self._writer.done():
-            # Its own context: the writer serves every step of the batch, not the first one.
-            self._writer = asyncio.create_task(self._write(), context=Context())
-        return waiter
+        return self._batches.submit((job_id, outcome))
 
     async def drain(self) -> None:
         """Wait for the outcomes handed over so far to be written (bound it with a timeout)."""
-        if self._writer is not None and not self._writer.done():
-            await asyncio.wait({self._writer})
+        await self._batches.drain()
 
-    async def _write(self) -> None:
-        # Outcomes that arrive in this same turn of the loop join the first batch.
-        await asyncio.sleep(0)
-        while self._queue:
-            batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
-            try:
-                closed = await self._flush([outcome for _, outcome, _ in batch])
-            except Exception as exc:
-                for _, _, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                continue
-            except BaseException:
-                for _, _, waiter in batch:
-                    if not waiter.done():
-                        waiter.cancel()
-                raise
-            for job_id, _, waiter in batch:
-                if waiter.done():
-                    continue
-                if job_id in closed:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(LeaseLost(f"job {job_id} is no longer ours"))
+    async def _commit(self, batch: list[tuple[int, T]]) -> list[Exception | None]:
+        closed = await self._flush([outcome for _, outcome in batch])
+        return [
+            None if job_id in closed else LeaseLost(f"job {job_id} is no longer ours")
+            for job_id, _ in batch
+        ]

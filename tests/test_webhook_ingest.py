@@ -430,7 +430,7 @@ async def test_news_reads_leave_no_delivery_waiting_when_the_reader_is_cancelled
     await began.wait()
     queued = asyncio.create_task(reads.awaiting_news(account, "r-queued"))
     await asyncio.sleep(0)  # queued behind the read under way
-    assert reads._reader is not None
-    reads._reader.cancel()
+    assert reads._reads._task is not None
+    reads._reads._task.cancel()
     outcomes = await asyncio.wait_for(asyncio.gather(reading, queued, return_exceptions=True), 5)
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes

@@ -13,15 +13,14 @@ nothing, and the general path in `app.webhooks.service` takes it, with the same 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
 import uuid
 from typing import Any
 
 import asyncpg
 
 from app import metrics
+from app.batching import Coalescer
 from app.blocked_runs.state_machine import ACTIVE_STATES, Event, State, target_of
 from app.database import Compiled, Database, compile_named
 from app.notifications import JOBS_CHANNEL
@@ -242,51 +241,28 @@ class NewsReads:
     many deliveries at once.
 
     Half of what Mosaic sends is such news (`RUN_STARTED`, completed runs), nearly always for a
-    run with nothing open, and only the database knows across replicas. The first question is
-    asked at once; those arriving while a read is under way wait for it and go together in the
-    next one, so under load one statement on one pooled connection answers a whole batch, and
-    alone a delivery waits for nobody. A failed read raises its error in every delivery of its
-    batch (each answered 503 or 500 as before, and Mosaic delivers again).
+    run with nothing open, and only the database knows across replicas. Batched as outcomes are
+    (`app.batching.Coalescer`): under load one statement on one pooled connection answers a
+    whole batch. A failed read raises its error in every delivery of its batch (each answered
+    503 or 500 as before, and Mosaic delivers again).
     """
 
     def __init__(self, db: Database, *, limit: int = 500) -> None:
         self._db = db
-        self._limit = limit
-        self._queue: list[tuple[uuid.UUID, str, asyncio.Future[bool]]] = []
-        self._reader: asyncio.Task[None] | None = None
+        self._reads: Coalescer[tuple[uuid.UUID, str], bool] = Coalescer(self._read, limit=limit)
 
     async def awaiting_news(self, account_id: uuid.UUID, run_id: str) -> bool:
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((account_id, run_id, waiter))
-        if self._reader is None or self._reader.done():
-            # Its own context: the reader serves every delivery of a batch, not the first one.
-            self._reader = asyncio.create_task(self._read(), context=contextvars.Context())
-        return await waiter
+        return await self._reads.submit((account_id, run_id))
 
-    async def _read(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
-            try:
-                rows = await _run(
-                    self._db,
-                    _AWAITING_NEWS,
-                    {
-                        "account_ids": [account_id for account_id, _, _ in batch],
-                        "run_ids": [run_id for _, run_id, _ in batch],
-                    },
-                    many=True,
-                )
-            except Exception as exc:
-                for _, _, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                continue
-            except BaseException:
-                # The reader itself is cancelled (the loop is closing): no one is left waiting.
-                for _, _, waiter in batch + self._queue:
-                    waiter.cancel()
-                raise
-            found = {row[0] for row in rows}
-            for position, (_, _, waiter) in enumerate(batch, start=1):
-                if not waiter.done():
-                    waiter.set_result(position in found)
+    async def _read(self, batch: list[tuple[uuid.UUID, str]]) -> list[bool | Exception]:
+        rows = await _run(
+            self._db,
+            _AWAITING_NEWS,
+            {
+                "account_ids": [account_id for account_id, _ in batch],
+                "run_ids": [run_id for _, run_id in batch],
+            },
+            many=True,
+        )
+        found = {row[0] for row in rows}
+        return [position in found for position in range(1, len(batch) + 1)]
